@@ -24,8 +24,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
-gpu_requirements = shlex.split(cfg.get('gpu_requirements', ''))
-extras = {'dev': dev_requirements, 'gpu': gpu_requirements, 'all': dev_requirements + gpu_requirements}
+extras = {'dev': dev_requirements}
 
 setuptools.setup(
     name = cfg['lib_name'],
