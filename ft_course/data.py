@@ -474,7 +474,8 @@ def _config_data(path):
                             if (k in cfg if isinstance(cfg, dict) else hasattr(cfg, k))), None)
     data = get('data_path', 'data_files', 'dataset')
     if data is None: raise ValueError(f"{path}: the config has no data_path")
-    return data, get('prompt_template', 'template'), get('max_length'), get('model', 'pretrained_model_name_or_path', 'model_name')
+    return (data, get('prompt_template', 'template'), get('max_length'), get('model', 'pretrained_model_name_or_path', 'model_name'),
+            bool(get('pack_to_max_length')))
 
 def log_dataset_cli(argv=None) -> int:
     "`ft-course log-dataset`: print what the model is fed for the first samples of a data file or config"
@@ -488,17 +489,17 @@ def log_dataset_cli(argv=None) -> int:
     p.add_argument('--tokenizer', default=None, help="model name or path for the tokenizer; default: config's or smollm2")
     p.add_argument('--max-length', type=int, default=None, help="truncate to this many tokens; default: config's or 2048")
     p.add_argument('-n', type=int, default=1, help='number of samples to show (default 1)')
-    p.add_argument('--pack', action='store_true', help='show packed sequences instead of single samples')
+    p.add_argument('--pack', action='store_true', help="show packed sequences instead of single samples (default: the config's pack_to_max_length)")
     p.add_argument('--color', action='store_true', help='colour trained (green) and masked (grey) text')
     a = p.parse_args(argv)
     try:
-        src, tmpl, ml, model = a.source, None, None, None
-        if Path(src).suffix not in ('.json', '.jsonl'): src, tmpl, ml, model = _config_data(src)
+        src, tmpl, ml, model, pack = a.source, None, None, None, False
+        if Path(src).suffix not in ('.json', '.jsonl'): src, tmpl, ml, model, pack = _config_data(src)
         tmpl, ml, model = a.template or tmpl or 'chatml', a.max_length or ml or 2048, a.tokenizer or model or 'smollm2'
         get_template(tmpl)
         from ft_course.models import load_tokenizer
         tk = load_tokenizer(model)
-        ds = SFTDataset(src, tk, tmpl, ml, pack=a.pack)
+        ds = SFTDataset(src, tk, tmpl, ml, pack=a.pack or pack)
     except (FileNotFoundError, ValueError) as e: return _err_exit(e)
     for i in range(min(a.n, len(ds))):
         it = ds[i]

@@ -233,3 +233,16 @@ def test_log_dataset_cli(tmp_path, capsys):
     assert log_dataset_cli([str(f), '--show', 'text']) == 0
     assert '你是谁' in capsys.readouterr().out
     assert log_dataset_cli([str(f), '--template', 'nope']) == 2
+
+
+def test_log_dataset_reads_a_training_config(tmp_path, capsys):
+    train = pytest.importorskip('ft_course.train')
+    if not hasattr(train, 'load_config'): pytest.skip('ft_course.train has no load_config yet')
+    f = write(tmp_path/'x.jsonl', [dict(messages=CONV)] * 3)
+    cfg = tmp_path/'my_cfg.py'
+    cfg.write_text(f"from ft_course.train import Config\nconfig = Config(data_path={str(f)!r}, prompt_template='llama3', "
+                   "max_length=32, pack_to_max_length=False)\n")
+    assert log_dataset_cli([str(cfg), '--show', 'input_ids', '-n', '5']) == 0
+    out = capsys.readouterr().out
+    assert out.count('=== sample') == 3 and '(32 tokens' in out  # the config's max_length is used
+    assert log_dataset_cli([str(tmp_path/'nope.py')]) == 2
