@@ -1,0 +1,142 @@
+"""Equality tests of ft_course.fast's pieces against their plain versions (CPU), the Triton kernels through Triton's
+CPU interpreter where Triton is installed, and on CUDA against bitsandbytes / eager PyTorch (skipped without CUDA)."""
+import os, subprocess, sys, textwrap
+import pytest, torch
+from ft_course import fast as F
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except Exception:
+    HAS_TRITON = False
+
+def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+def test_nf4_torch_matches_bitsandbytes():
+    import bitsandbytes.functional as bnbF
+    torch.manual_seed(1)
+    for dq in (True, False):
+        w = F.NF4Weight.quantize(torch.randn(96, 320) * 0.03, double_quant=dq)
+        for dt in (torch.bfloat16, torch.float32):
+            ref = bnbF.dequantize_4bit(w.packed.reshape(-1, 1), w.to_bnb_state(dt))
+            assert torch.equal(F.dequantize_nf4_torch(w, dt), ref.reshape(w.shape))
+
+def test_nf4_table_is_bitsandbytes():
+    import bitsandbytes.functional as bnbF
+    assert torch.equal(torch.tensor(F.NF4_CODE), bnbF.get_4bit_type('nf4', device='cpu').float())
+
+def test_qlora_function_matches_plain_autograd():
+    torch.manual_seed(0)
+    ws = [F.NF4Weight.quantize(torch.randn(o, 64) * 0.05) for o in (48, 32, 32)]
+    As = [torch.randn(8, 64, requires_grad=True) for _ in ws]; Bs = [torch.randn(w.shape[0], 8, requires_grad=True) for w in ws]
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    ts = [x] + As + Bs
+    y = F.qlora_linear(x, ws, As, Bs, 0.25, 'torch'); g = torch.randn_like(y)
+    got = torch.autograd.grad(y, ts, g)
+    y2 = F.qlora_linear_ref(x, ws, As, Bs, 0.25)
+    exp = torch.autograd.grad(y2, ts, g)
+    assert rel(y, y2) < 1e-6
+    for a, b in zip(got, exp): assert rel(a, b) < 1e-5
+
+def test_rmsnorm_swiglu_ce_match_plain():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 96, dtype=torch.float64, requires_grad=True); w = torch.rand(96, dtype=torch.float64) + 0.5
+    y = F.rms_norm(x, w, 1e-6); g = torch.randn_like(y)
+    assert rel(y, F.rms_norm_ref(x, w, 1e-6)) < 1e-6
+    assert rel(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(F.rms_norm_ref(x, w, 1e-6), x, g)[0]) < 1e-6
+    gu = torch.randn(3, 5, 160, dtype=torch.float64, requires_grad=True)
+    a2 = F.swiglu_ref(gu); g = torch.randn_like(a2); exp = torch.autograd.grad(a2, gu, g)[0]
+    a = F.swiglu(gu.clone()); assert rel(a, a2) < 1e-6
+    gu.grad = None; F.swiglu(gu * 1).backward(g); assert rel(gu.grad, exp) < 1e-6
+    h = torch.randn(2, 9, 32, requires_grad=True); W = torch.randn(100, 32) * 0.3
+    lab = torch.randint(0, 100, (2, 9)); lab[0, 3] = -100
+    l = F.linear_cross_entropy(h, W, lab, chunk_elems=300); gh = torch.autograd.grad(l, h)[0]
+    l2 = F.linear_cross_entropy(h, W, lab, chunked=False); gh2 = torch.autograd.grad(l2, h)[0]
+    import torch.nn.functional as tF
+    l3 = tF.cross_entropy((h @ W.t())[:, :-1].reshape(-1, 100), lab[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(l.item() - l3.item()) < 1e-5 and abs(l2.item() - l3.item()) < 1e-5 and rel(gh, gh2) < 1e-5
+
+def test_checkpoint_and_in_backward_adamw():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16, requires_grad=True)
+    run = lambda h: torch.tanh(lin(h)) * 2
+    for mode in ('layer', 'offload'):
+        y = F.checkpoint(run, x, mode); g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x], g)[0]
+        exp = torch.autograd.grad(run(x), [x], g)[0]
+        assert torch.allclose(got, exp)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]; qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    o1 = torch.optim.AdamW(ps, lr=0.1); o2 = F.InBackwardAdamW(qs, lr=0.1)
+    for s in range(3):
+        sum((p ** 2 * (i + 1)).sum() for i, p in enumerate(ps)).backward(); o1.step(); o1.zero_grad()
+        sum((p ** 2 * (i + 1)).sum() for i, p in enumerate(qs)).backward(); o2.step()
+    for p, q in zip(ps, qs): assert torch.allclose(p, q, atol=1e-6) and q.grad is None
+
+def test_patched_tiny_model_matches_peft_bnb():
+    from ft_course.models import tiny_model_dir
+    ref, fast = F.load_qlora_pair(tiny_model_dir('llama'), r=8, alpha=16, cfg=F.FastConfig(checkpoint='layer'))
+    a = F.train_losses(ref, 3, 2, 32, ref.config.vocab_size, lr=3e-3)
+    b = F.train_losses(fast, 3, 2, 32, ref.config.vocab_size, lr=3e-3, opt='in_backward')
+    for x, y in zip(a, b): assert abs(x - y) / x < 1e-4, (a, b)
+
+INTERP = textwrap.dedent('''
+    import torch; from ft_course import fast as F
+    torch.manual_seed(0)
+    for dq in (True, False):
+        w = F.NF4Weight.quantize(torch.randn(64, 320) * 0.03, double_quant=dq)
+        # the interpreter truncates fp32 -> bf16 (the GPU rounds), so compare the fp32 output bit for bit
+        assert torch.equal(F.dequantize_nf4_triton(w, torch.float32), F.dequantize_nf4_torch(w, torch.float32))
+    x = torch.randn(6, 96); w = torch.rand(96) + 0.5
+    assert torch.allclose(F.rms_norm(x, w, 1e-6), F.rms_norm_ref(x, w, 1e-6), atol=1e-5)
+    xr = x.clone().requires_grad_(); g = torch.randn_like(x)
+    a = torch.autograd.grad(F.rms_norm(xr, w, 1e-6), xr, g)[0]; b = torch.autograd.grad(F.rms_norm_ref(xr, w, 1e-6), xr, g)[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    gu = torch.randn(4, 2 * 80); a = F.swiglu(gu.clone()); assert torch.allclose(a, F.swiglu_ref(gu), atol=1e-6)
+    gr = gu.clone().requires_grad_(); d = torch.randn(4, 80)
+    e = torch.autograd.grad(F.swiglu_ref(gr), gr, d)[0]; gr2 = gu.clone().requires_grad_(); F.swiglu(gr2 * 1).backward(d)
+    assert torch.allclose(gr2.grad, e, atol=1e-5)
+    print('ok')
+''')
+
+@pytest.mark.skipif(not HAS_TRITON, reason='triton not installed')
+def test_triton_kernels_in_interpreter():
+    env = {**os.environ, 'TRITON_INTERPRET': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    p = subprocess.run([sys.executable, '-c', INTERP], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and 'ok' in p.stdout, p.stderr[-3000:]
+
+@cuda
+def test_cuda_dequant_bit_exact_with_bitsandbytes():
+    import bitsandbytes.functional as bnbF
+    torch.manual_seed(0)
+    for shp in ((4096, 4096), (11008, 4096), (1000, 333)):
+        for dq in (True, False):
+            w = F.NF4Weight.quantize((torch.randn(shp, device='cuda') * 0.02).to(torch.bfloat16), double_quant=dq)
+            ref = bnbF.dequantize_4bit(w.packed.reshape(-1, 1), w.to_bnb_state(torch.bfloat16)).reshape(shp)
+            out = torch.full(shp, float('nan'), dtype=torch.bfloat16, device='cuda')
+            assert torch.equal(F.dequantize_nf4_triton(w, torch.bfloat16, out=out).view(torch.int16), ref.view(torch.int16))
+
+@cuda
+def test_cuda_fused_pieces_match_plain():
+    torch.manual_seed(0)
+    x = torch.randn(4, 512, 2048, device='cuda', dtype=torch.bfloat16) * 3; w = (torch.rand(2048, device='cuda') + 0.5).to(torch.bfloat16)
+    assert rel(F.rms_norm(x, w, 1e-6), F.rms_norm_ref(x, w, 1e-6)) < 1e-2
+    xr = x.clone().requires_grad_(); g = torch.randn_like(x)
+    a = torch.autograd.grad(F.rms_norm(xr, w, 1e-6), xr, g)[0]
+    b = torch.autograd.grad(F.rms_norm_ref(xr.double(), w.double(), 1e-6), xr, g.double())[0]
+    assert rel(a, b) < 1e-2
+    gu = torch.randn(4, 512, 2 * 5504, device='cuda', dtype=torch.bfloat16)
+    assert rel(F.swiglu(gu.clone()), F.swiglu_ref(gu)) < 1e-2
+    gr = gu.clone().requires_grad_(); d = torch.randn(4, 512, 5504, device='cuda', dtype=torch.bfloat16)
+    e = torch.autograd.grad(F.swiglu_ref(gr.double()), gr, d.double())[0]; gr2 = gu.clone().requires_grad_(); F.swiglu(gr2 * 1).backward(d)
+    assert rel(gr2.grad, e) < 1e-2
+    ws = [F.NF4Weight.quantize(torch.randn(o, 1024, device='cuda', dtype=torch.bfloat16) * 0.02) for o in (1024, 256, 256)]
+    As = [torch.randn(64, 1024, device='cuda', requires_grad=True) * 0.01 for _ in ws]; Bs = [torch.randn(w.shape[0], 64, device='cuda', requires_grad=True) * 0.01 for w in ws]
+    As = [a.detach().requires_grad_() for a in As]; Bs = [b.detach().requires_grad_() for b in Bs]
+    xx = torch.randn(2, 300, 1024, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    y = F.qlora_linear(xx, ws, As, Bs, 0.25, 'triton'); gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [xx] + As + Bs, gy)
+    exp = torch.autograd.grad(F.qlora_linear_ref(xx.double(), ws, [a.double() for a in As], [b.double() for b in Bs], 0.25), [xx] + As + Bs, gy.double())
+    assert rel(y, F.qlora_linear_ref(xx.double(), ws, [a.double() for a in As], [b.double() for b in Bs], 0.25)) < 1e-2
+    for p, q in zip(got, exp): assert rel(p, q) < 2e-2
