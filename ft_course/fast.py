@@ -10,7 +10,7 @@ __all__ = ['NF4_CODE', 'H200_BF16_PEAK', 'H200_HBM_BW', 'memory_anatomy', 'has_t
            'patch_model', 'fast_forward', 'InBackwardAdamW', 'pattern_batch', 'load_qlora_pair', 'train_losses',
            'shape_params', 'mfu', 'build_fast_model', 'bench_fast', 'bench_dequant', 'ablation_configs', 'bench_cli']
 
-# %% ../nbs/12_performance.ipynb #edf593c4
+# %% ../nbs/12_performance.ipynb #0ff4fd97
 def memory_anatomy(config, seq=1024, bs=1, r=64, ce_chunk_elems=2**26) -> dict:
     """Bytes of each part of a QLoRA step on `config` (Llama layout), counted from the shapes:
     the standard stack (peft + bitsandbytes, full fp32 logits) against ft_course's fast path."""
@@ -28,7 +28,7 @@ def memory_anatomy(config, seq=1024, bs=1, r=64, ce_chunk_elems=2**26) -> dict:
          'logits + fp32 copy + grad (full)': T * V * (2 + 4 + 4), 'logits (one chunk)': min(T, max(1, ce_chunk_elems // V)) * V * (2 + 4)}
     return d
 
-# %% ../nbs/12_performance.ipynb #3152ee6e
+# %% ../nbs/12_performance.ipynb #8f653fce
 import os, math, time, json, types
 from dataclasses import dataclass, field, asdict
 
@@ -79,9 +79,19 @@ class NF4Weight:
                        absmax2=qs.state2.absmax.float(), offset=float(qs.offset))
         return cls(packed, qs.shape, qs.blocksize, absmax=qs.absmax.float())
     @classmethod
+    def from_nf4_state(cls, packed, state):
+        "From `ft_course.nf4`'s `(packed, NF4State)` (`quantize_nf4`, `LinearNF4`): the same layout as bitsandbytes'."
+        if state.nested:
+            return cls(packed, state.shape, state.blocksize, absmax_q=state.absmax, code2=state.state2.code.float(),
+                       absmax2=state.state2.absmax.float(), offset=float(state.offset))
+        return cls(packed, state.shape, state.blocksize, absmax=state.absmax.float())
+    @classmethod
     def quantize(cls, w, double_quant: bool = True, blocksize: int = 64):
-        "Quantize a float weight with bitsandbytes (the format's reference), on `w`'s device."
-        import bitsandbytes.functional as bnbF
+        "Quantize a float weight with bitsandbytes (the format's reference; `ft_course.nf4` where it is missing), on `w`'s device."
+        try: import bitsandbytes.functional as bnbF
+        except ImportError:
+            from ft_course.nf4 import quantize_nf4
+            return cls.from_nf4_state(*quantize_nf4(w, blocksize, double_quant))
         packed, qs = bnbF.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type='nf4')
         return cls.from_bnb(packed, qs)
     def to_bnb_state(self, dtype=None):
@@ -116,7 +126,7 @@ def dequantize_nf4_torch(w: NF4Weight, dtype=None, out=None):
     if out is not None: out.copy_(res.reshape(out.shape)); return out
     return res
 
-# %% ../nbs/12_performance.ipynb #893e5eb2
+# %% ../nbs/12_performance.ipynb #35cf4b7c
 _KERNELS = None
 
 def _kernels():
@@ -211,7 +221,7 @@ def dequantize_nf4_triton(w: NF4Weight, dtype=None, out=None, NB: int = 64, num_
 
 def triton_cdiv(a, b): return (a + b - 1) // b
 
-# %% ../nbs/12_performance.ipynb #c6877873
+# %% ../nbs/12_performance.ipynb #2b6c6879
 _INTERP_CHECK = """
 import torch; from ft_course import fast as F
 torch.manual_seed(0)
@@ -233,7 +243,7 @@ def check_kernels_interpreted() -> str:
     p = subprocess.run([sys.executable, '-c', _INTERP_CHECK], capture_output=True, text=True, env=env)
     return p.stdout.strip() if p.returncode == 0 else 'FAILED: ' + p.stderr[-2000:]
 
-# %% ../nbs/12_performance.ipynb #eb2bc4bc
+# %% ../nbs/12_performance.ipynb #790a697c
 @dataclass
 class FastConfig:
     "Switches of the fast QLoRA path; each can be turned off to measure its share."
@@ -263,7 +273,7 @@ def dequantize(w: NF4Weight, dtype=None, out=None, how: str = 'triton'):
         return r
     return dequantize_nf4_torch(w, dtype, out)
 
-# %% ../nbs/12_performance.ipynb #2d477011
+# %% ../nbs/12_performance.ipynb #3872f8b3
 def _dequant_group(ws, dtype, how):
     "Dequantize several weights sharing an input into one (sum of out, in) buffer."
     import torch
@@ -339,7 +349,7 @@ def qlora_linear_ref(x, ws, As, Bs, scale):
     ys = [x @ dequantize_nf4_torch(w, x.dtype).t() + scale * (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t() for w, A, B in zip(ws, As, Bs)]
     return torch.cat(ys, -1)
 
-# %% ../nbs/12_performance.ipynb #320c2bf5
+# %% ../nbs/12_performance.ipynb #398e1342
 def rms_norm_ref(x, w, eps):
     "HF's LlamaRMSNorm, written out."
     import torch
@@ -416,7 +426,7 @@ def _make_swiglu_fn():
 def swiglu(gu, fused=True):
     return _fn('swiglu', _make_swiglu_fn).apply(gu) if fused else swiglu_ref(gu)
 
-# %% ../nbs/12_performance.ipynb #87152777
+# %% ../nbs/12_performance.ipynb #bbe9f28a
 def _make_ce_fn():
     import torch
     class LinearCrossEntropy(torch.autograd.Function):
@@ -465,7 +475,7 @@ def linear_cross_entropy(h, W, labels, chunk_elems=2**26, chunked=True):
     logits = (h @ W.t()).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
 
-# %% ../nbs/12_performance.ipynb #417dcf8b
+# %% ../nbs/12_performance.ipynb #dda59f83
 class _PinnedPool:
     "Reusable pinned CPU buffers for offloaded activations (one per checkpointed layer) and a side stream."
     def __init__(self): self.bufs, self.stream = {}, None
@@ -519,7 +529,7 @@ def checkpoint(run, h, mode='layer', key=0):
     if mode not in ('layer', 'offload'): raise ValueError(f"checkpoint mode must be 'none', 'layer' or 'offload', got {mode!r}")
     return _fn('ckpt', _make_ckpt_fn).apply(run, mode == 'offload', key, h)
 
-# %% ../nbs/12_performance.ipynb #f46b85bc
+# %% ../nbs/12_performance.ipynb #c979fd7a
 def _lora_linear_module():
     import torch, torch.nn as nn
     class FastLoRALinear(nn.Module):
@@ -557,7 +567,7 @@ def lora_state_dict(model):
     "LoRA weights under peft's key names (`base_model.model.<path>.lora_A.weight`), ready for `adapter_model.safetensors`."
     return {f'base_model.model.{n}': p.detach().cpu() for n, p in model.named_parameters() if 'lora_' in n}
 
-# %% ../nbs/12_performance.ipynb #76432f93
+# %% ../nbs/12_performance.ipynb #5fe6950d
 _TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 
 def _materialize(t, device, dtype, gen, std=0.02, ones=False):
@@ -571,13 +581,16 @@ def _to_nf4(lin, device, dtype, gen):
     w = lin.weight
     if hasattr(w, 'quant_state') and w.quant_state is not None:   # already a bitsandbytes Linear4bit
         return NF4Weight.from_bnb(w.data, w.quant_state).to(device)
+    qs = getattr(lin, 'quant_state', None)
+    if qs is not None and hasattr(qs, 'state2'):                  # ft_course.nf4.LinearNF4
+        return NF4Weight.from_nf4_state(lin.weight, qs).to(device)
     return NF4Weight.quantize(_materialize(w, device, dtype, gen))
 
 def patch_model(model, cfg: FastConfig | None = None, r: int = 64, alpha: float = 16, device=None, dtype=None, seed: int = 0):
     """Turn a Hugging Face Llama-family causal LM (Llama, Mistral, Qwen2 layouts) into ft_course's fast QLoRA model,
     in place: every linear layer of the decoder becomes a frozen NF4 weight (bitsandbytes' format, quantized
-    layer by layer on `device`; bitsandbytes `Linear4bit` layers are taken over as they are) plus a LoRA (r, alpha)
-    adapter; `model.forward(input_ids, labels=...)` becomes the fast path (returns `.loss`, and `.logits` only
+    layer by layer on `device`; bitsandbytes `Linear4bit` and `ft_course.nf4.LinearNF4` layers are taken over as they
+    are) plus a LoRA (r, alpha) adapter; `model.forward(input_ids, labels=...)` becomes the fast path (returns `.loss`, and `.logits` only
     when no labels are given). Weights on the meta device are filled with random N(0, 0.02) (benchmarks).
     Returns the model; `model.fast_config` holds `cfg` (change it to switch means on or off)."""
     import torch, torch.nn as nn
@@ -689,7 +702,7 @@ def fast_forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
         return CausalLMOutputWithPast(loss=loss, logits=None)
     return CausalLMOutputWithPast(loss=None, logits=self.lm_head(h).float())
 
-# %% ../nbs/12_performance.ipynb #327b5733
+# %% ../nbs/12_performance.ipynb #b6f3b42d
 class InBackwardAdamW:
     """torch AdamW, one per LoRA tensor, stepped as soon as that tensor's gradient is complete during backward;
     the gradient is then freed, so all gradients never exist at once. Same maths as one AdamW over all of them
@@ -713,7 +726,7 @@ class InBackwardAdamW:
     def step(self): pass
     def zero_grad(self, set_to_none=True): pass
 
-# %% ../nbs/12_performance.ipynb #cbda8b4a
+# %% ../nbs/12_performance.ipynb #07ab43a9
 def pattern_batch(bs, seq, vocab, step, seed=0):
     "Learnable synthetic data: each row an arithmetic progression modulo 50 (random start and stride), same for any caller."
     import torch
@@ -761,7 +774,7 @@ def train_losses(model, steps, bs, seq, vocab, lr=1e-3, opt='adamw', seed=0, pro
         losses.append(loss.item())
     return losses
 
-# %% ../nbs/12_performance.ipynb #1cab1767
+# %% ../nbs/12_performance.ipynb #9a5ccd7f
 H200_BF16_PEAK = 989.4e12   # dense bf16 FLOP/s, datasheet (SXM)
 H200_HBM_BW = 4.8e12        # bytes/s, datasheet
 

@@ -140,3 +140,26 @@ def test_cuda_fused_pieces_match_plain():
     exp = torch.autograd.grad(F.qlora_linear_ref(xx.double(), ws, [a.double() for a in As], [b.double() for b in Bs], 0.25), [xx] + As + Bs, gy.double())
     assert rel(y, F.qlora_linear_ref(xx.double(), ws, [a.double() for a in As], [b.double() for b in Bs], 0.25)) < 1e-2
     for p, q in zip(got, exp): assert rel(p, q) < 2e-2
+
+def test_patch_takes_over_linear_nf4_and_right_padding_matches_peft():
+    import copy
+    from ft_course.models import tiny_model, tiny_model_dir
+    from ft_course.nf4 import quantize_model
+    m = tiny_model('llama'); m2 = quantize_model(copy.deepcopy(m))
+    a = F.patch_model(m, F.FastConfig(checkpoint='none'), r=8, alpha=16, device='cpu', dtype=torch.float32)
+    b = F.patch_model(m2, F.FastConfig(checkpoint='none'), r=8, alpha=16, device='cpu', dtype=torch.float32)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            if 'lora_' in n: p.normal_(0, 0.1); q.copy_(p)
+    x = F.pattern_batch(2, 16, 49152, 0)
+    with torch.no_grad(): assert a(input_ids=x, labels=x).loss.item() == b(input_ids=x, labels=x).loss.item()
+    ref, fast = F.load_qlora_pair(tiny_model_dir('llama'), r=8, alpha=16, cfg=F.FastConfig(checkpoint='layer'))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+        src = {n.replace('base_model.model.', '').replace('.default', ''): p for n, p in ref.named_parameters() if 'lora_' in n}
+        for n, p in fast.named_parameters():
+            if 'lora_' in n: p.copy_(src[n])
+        mask = torch.ones_like(x); mask[1, 10:] = 0; lab = x.masked_fill(mask == 0, -100)
+        la = ref(input_ids=x, attention_mask=mask, labels=lab).loss.item(); lb = fast(input_ids=x, attention_mask=mask, labels=lab).loss.item()
+    assert abs(la - lb) / la < 1e-5, (la, lb)
