@@ -373,7 +373,7 @@ def _image_messages(messages, image=None):
 def chat_session(folder, image=None, model=None, system: str | None = None, device=None, **kw):
     "A streaming `ChatSession` about `image` with the LLaVA model in `folder` (what `ft-course chat --llava` uses)."
     from ft_course.chat import ChatSession
-    lm, tok, proc = load_llava(folder, device=device)
+    lm, tok, proc = load_llava(folder, device=device, llm=model)   # `model`: the base LLM (None: the one recorded in the folder)
     if image is not None: ImageProcessor.load(image)    # fail early on a missing or unreadable picture
     def hook(sess, messages):
         msgs, images = _image_messages(messages, image)

@@ -1,0 +1,141 @@
+"Tests for ft_course.llava and ft_course.llava_data (CPU, tiny models where the LLM's weights do not matter)."
+import random, types
+import numpy as np
+import pytest
+import torch
+
+from ft_course.llava import (IMAGE_TOKEN_INDEX, IGNORE_INDEX, ImageProcessor, VisionTower, Projector, LlavaModel,
+                             effnet_lite0, splice_image_embeds, tokenize_conversation, build_llava, add_llm_lora,
+                             save_llava, load_llava, llava_generate, llava_settings, build_dataset, load_trainable)
+from ft_course.llava_data import (make_shapes_dataset, COLOURS, BACKGROUNDS, questions, random_scene, repeated_conversations,
+                                  LlavaDataset, qa_messages, text_only_conversations, caption_score, real_photo)
+
+
+@pytest.fixture(scope='module')
+def tok():
+    from ft_course.models import load_tokenizer
+    return load_tokenizer('smollm2')
+
+
+def test_effnet_imagenet_classes():
+    import skimage.data
+    m, proc = effnet_lite0(), ImageProcessor(224)
+    with torch.no_grad(): p = m(proc([skimage.data.coffee(), skimage.data.rocket()])).softmax(-1)
+    assert p.argmax(-1).tolist() == [967, 657]           # espresso, missile
+    assert p[0, 967] > 0.5
+
+
+def test_vision_tower_tokens():
+    t = VisionTower('effnet-lite0', image_size=96)
+    x = t.image_processor(np.zeros((120, 200, 3), np.uint8))
+    assert x.shape == (1, 3, 96, 96)
+    assert t(x).shape == (1, 9, 1280) and t.num_tokens() == 9 and t.num_tokens(224) == 49
+    t.train(); assert not t.training and not t.net._bn0.training      # frozen BatchNorm stays in eval mode
+
+
+def test_splice_bookkeeping():
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 2], [3, 4, 0]])
+    labels = torch.tensor([[-100, -100, 2], [-100, 4, -100]])
+    am = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    img = torch.tensor([[[10.], [11.]]])
+    e, m, l = splice_image_embeds(ids, lambda t: t[..., None].float(), img, labels, am)
+    assert e[..., 0].tolist() == [[1, 10, 11, 2], [3, 4, 0, 0]]
+    assert m.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert l.tolist() == [[-100, -100, -100, 2], [-100, 4, -100, -100]]
+    with pytest.raises(ValueError, match='2 images'):
+        splice_image_embeds(ids, lambda t: t[..., None].float(), torch.cat([img, img]), labels, am)
+
+
+def test_tokenize_matches_chat_template(tok):
+    msgs = [{'role': 'user', 'content': '<image>\nWhat colour is the circle?'}, {'role': 'assistant', 'content': 'red'},
+            {'role': 'user', 'content': 'And the star?'}, {'role': 'assistant', 'content': 'blue'}]
+    enc = tokenize_conversation(tok, msgs, system='You are helpful.')
+    ids = enc['input_ids']
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1
+    text = ''.join('<image>' if i == IMAGE_TOKEN_INDEX else tok.decode([i]) for i in ids)
+    ref = tok.apply_chat_template([{'role': 'system', 'content': 'You are helpful.'}] + msgs, tokenize=False)
+    assert text == ref
+    trained = tok.decode([i for i, l in zip(ids, enc['labels']) if l != IGNORE_INDEX])
+    assert trained == 'red<|im_end|>blue<|im_end|>'
+
+
+def test_shapes_ground_truth():
+    for d in make_shapes_dataset(20, seed=3, size=96):
+        a = np.asarray(d['image']).astype(int)
+        assert np.abs(a[0, 0] - BACKGROUNDS[d['scene'].background]).max() < 5
+        for o in d['scene'].objects:
+            if o.shape in ('circle', 'square'):
+                assert np.abs(a[int(o.y * 96), int(o.x * 96)] - COLOURS[o.colour]).max() < 30
+        for t, q, ans in d['qa']:
+            if t == 'count': assert int(ans) == sum(o.shape in q for o in d['scene'].objects)
+            if t == 'colour': assert ans in COLOURS
+    assert len(repeated_conversations('coffee', 200)) == 1200
+    assert real_photo('grace_hopper').size[0] > 100
+
+
+def _tiny_llava():
+    torch.manual_seed(0)
+    return build_llava('tiny-llama', 'effnet-lite0', image_size=64)
+
+
+def test_llava_forward_mixed_batch_and_text_only(tok):
+    model, tk = _tiny_llava()
+    pix = model.image_processor([np.full((64, 64, 3), 200, np.uint8)])
+    a = tokenize_conversation(tk, [{'role': 'user', 'content': '<image>\nHi'}, {'role': 'assistant', 'content': 'ok'}])
+    b = tokenize_conversation(tk, [{'role': 'user', 'content': 'Hello there, no picture'}, {'role': 'assistant', 'content': 'yes'}])
+    L = max(len(a['input_ids']), len(b['input_ids']))
+    ids = torch.tensor([x['input_ids'] + [0] * (L - len(x['input_ids'])) for x in (a, b)])
+    lab = torch.tensor([x['labels'] + [-100] * (L - len(x['labels'])) for x in (a, b)])
+    am = torch.tensor([[1] * len(x['input_ids']) + [0] * (L - len(x['input_ids'])) for x in (a, b)])
+    with torch.no_grad():
+        out = model(ids, lab, am, pixel_values=pix)
+        assert out.logits.shape[1] == len(a['input_ids']) - 1 + 4       # 64 px -> 2x2 = 4 visual tokens
+        tb = torch.tensor([b['input_ids']])
+        ref = model.llm(input_ids=tb).logits
+        torch.testing.assert_close(out.logits[1, :tb.shape[1]], ref[0], atol=1e-4, rtol=1e-4)
+        # the loss equals the LLM's loss on the hand-spliced embeddings
+        p = a['input_ids'].index(IMAGE_TOKEN_INDEX)
+        E = model.llm.get_input_embeddings(); ta = torch.tensor([a['input_ids']])
+        emb = torch.cat([E(ta[:, :p]), model.projector(model.encode_images(pix)), E(ta[:, p + 1:])], 1)
+        la = torch.tensor([a['labels'][:p] + [-100] * 4 + a['labels'][p + 1:]])
+        torch.testing.assert_close(model(ta, torch.tensor([a['labels']]), pixel_values=pix).loss,
+                                   model.llm(inputs_embeds=emb, labels=la).loss)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model, tk = _tiny_llava()
+    add_llm_lora(model, r=4, alpha=8, targets=['q_proj', 'v_proj'])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if 'lora_B' in n or 'projector' in n: p.add_(torch.randn_like(p) * 0.05)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith('projector.') for n in trainable) and any('lora_A' in n for n in trainable)
+    assert not any(n.startswith(('vision_tower.', 'llm.model.embed_tokens')) for n in trainable)
+    save_llava(model, tmp_path / 'f')
+    assert {'adapter_config.json', 'adapter_model.safetensors', 'llava_config.json', 'projector.safetensors'} <= {p.name for p in (tmp_path / 'f').iterdir()}
+    m2, tk2, proc = load_llava(tmp_path / 'f')
+    im = np.random.RandomState(0).randint(0, 255, (64, 64, 3)).astype(np.uint8)
+    ids = torch.tensor([tokenize_conversation(tk, [{'role': 'user', 'content': '<image>\nHi'}])['input_ids']])
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids, pixel_values=proc(im)).logits, model.eval()(ids, pixel_values=proc(im)).logits)
+    assert llava_generate(m2, tk2, im, 'Hi', max_new_tokens=5) == llava_generate(model, tk, im, 'Hi', max_new_tokens=5)
+    with pytest.raises(FileNotFoundError, match='llava_config.json'): load_llava(tmp_path)
+
+
+def test_dataset_hook_and_settings(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv('FT_COURSE_HOME', str(tmp_path))
+    cfg = types.SimpleNamespace(data_generator=dict(kind='llava', stage='finetune', n_images=6, image_size=64, repeats=2,
+                                                    photos=['coffee']), max_length=256, name='t')
+    ds, collate = build_dataset(cfg, tok)
+    assert len(ds) == 6 + 6 * 2 + len(text_only_conversations())
+    items = [ds[0], ds[len(ds) - 1]]                       # one with an image, one text-only
+    b = collate(items)
+    assert b['image_features'].shape == (1, 4, 1280) and (b['input_ids'] == IMAGE_TOKEN_INDEX).sum() == 1
+    with pytest.raises(KeyError, match='unknown LLaVA keys'):
+        llava_settings(types.SimpleNamespace(data_generator=dict(stage='pretrain', typo=1), name='x'))
+
+
+def test_caption_score():
+    from ft_course.llava_data import Scene, Shape
+    sc = Scene([Shape('circle', 'red', .2, .5, 'small')], 'white')
+    assert caption_score(sc, 'A small red circle on the left') == 1.0 and caption_score(sc, 'a blue circle') == 0.0
