@@ -80,6 +80,10 @@ def test_patched_tiny_model_matches_peft_bnb():
     a = F.train_losses(ref, 3, 2, 32, ref.config.vocab_size, lr=3e-3)
     b = F.train_losses(fast, 3, 2, 32, ref.config.vocab_size, lr=3e-3, opt='in_backward')
     for x, y in zip(a, b): assert abs(x - y) / x < 1e-4, (a, b)
+    from peft import get_peft_model_state_dict
+    sd_ref, sd_fast = get_peft_model_state_dict(ref), F.lora_state_dict(fast)
+    assert set(sd_ref) == set(sd_fast)
+    for k in sd_ref: assert torch.allclose(sd_ref[k].float(), sd_fast[k].float(), atol=1e-4), k
 
 INTERP = textwrap.dedent('''
     import torch; from ft_course import fast as F
