@@ -10,7 +10,7 @@ __all__ = ['NF4_CODE', 'H200_BF16_PEAK', 'H200_HBM_BW', 'memory_anatomy', 'has_t
            'patch_model', 'fast_forward', 'InBackwardAdamW', 'pattern_batch', 'load_qlora_pair', 'train_losses',
            'shape_params', 'mfu', 'build_fast_model', 'bench_fast', 'bench_dequant', 'ablation_configs', 'bench_cli']
 
-# %% ../nbs/12_performance.ipynb #69deba0c
+# %% ../nbs/12_performance.ipynb #8eb57b4d
 def memory_anatomy(config, seq=1024, bs=1, r=64, ce_chunk_elems=2**26) -> dict:
     """Bytes of each part of a QLoRA step on `config` (Llama layout), counted from the shapes:
     the standard stack (peft + bitsandbytes, full fp32 logits) against ft_course's fast path."""
@@ -28,7 +28,7 @@ def memory_anatomy(config, seq=1024, bs=1, r=64, ce_chunk_elems=2**26) -> dict:
          'logits + fp32 copy + grad (full)': T * V * (2 + 4 + 4), 'logits (one chunk)': min(T, max(1, ce_chunk_elems // V)) * V * (2 + 4)}
     return d
 
-# %% ../nbs/12_performance.ipynb #5ede7fed
+# %% ../nbs/12_performance.ipynb #6b62b34c
 import os, math, time, json, types
 from dataclasses import dataclass, field, asdict
 
@@ -126,7 +126,7 @@ def dequantize_nf4_torch(w: NF4Weight, dtype=None, out=None):
     if out is not None: out.copy_(res.reshape(out.shape)); return out
     return res
 
-# %% ../nbs/12_performance.ipynb #6f049d20
+# %% ../nbs/12_performance.ipynb #216e4c17
 _KERNELS = None
 
 def _kernels():
@@ -221,7 +221,7 @@ def dequantize_nf4_triton(w: NF4Weight, dtype=None, out=None, NB: int = 64, num_
 
 def triton_cdiv(a, b): return (a + b - 1) // b
 
-# %% ../nbs/12_performance.ipynb #fee0140f
+# %% ../nbs/12_performance.ipynb #b1559a4a
 _INTERP_CHECK = """
 import torch; from ft_course import fast as F
 torch.manual_seed(0)
@@ -243,7 +243,7 @@ def check_kernels_interpreted() -> str:
     p = subprocess.run([sys.executable, '-c', _INTERP_CHECK], capture_output=True, text=True, env=env)
     return p.stdout.strip() if p.returncode == 0 else 'FAILED: ' + p.stderr[-2000:]
 
-# %% ../nbs/12_performance.ipynb #39b98a6d
+# %% ../nbs/12_performance.ipynb #747134c6
 @dataclass
 class FastConfig:
     "Switches of the fast QLoRA path; each can be turned off to measure its share."
@@ -273,7 +273,7 @@ def dequantize(w: NF4Weight, dtype=None, out=None, how: str = 'triton'):
         return r
     return dequantize_nf4_torch(w, dtype, out)
 
-# %% ../nbs/12_performance.ipynb #0d83ac51
+# %% ../nbs/12_performance.ipynb #8666f53a
 def _dequant_group(ws, dtype, how):
     "Dequantize several weights sharing an input into one (sum of out, in) buffer."
     import torch
@@ -349,7 +349,7 @@ def qlora_linear_ref(x, ws, As, Bs, scale):
     ys = [x @ dequantize_nf4_torch(w, x.dtype).t() + scale * (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t() for w, A, B in zip(ws, As, Bs)]
     return torch.cat(ys, -1)
 
-# %% ../nbs/12_performance.ipynb #c3d753fd
+# %% ../nbs/12_performance.ipynb #7437c9e6
 def rms_norm_ref(x, w, eps):
     "HF's LlamaRMSNorm, written out."
     import torch
@@ -426,7 +426,7 @@ def _make_swiglu_fn():
 def swiglu(gu, fused=True):
     return _fn('swiglu', _make_swiglu_fn).apply(gu) if fused else swiglu_ref(gu)
 
-# %% ../nbs/12_performance.ipynb #3f10f204
+# %% ../nbs/12_performance.ipynb #362ac3b7
 def _make_ce_fn():
     import torch
     class LinearCrossEntropy(torch.autograd.Function):
@@ -475,7 +475,7 @@ def linear_cross_entropy(h, W, labels, chunk_elems=2**26, chunked=True):
     logits = (h @ W.t()).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
 
-# %% ../nbs/12_performance.ipynb #ca505a38
+# %% ../nbs/12_performance.ipynb #be4c8ba0
 class _PinnedPool:
     "Reusable pinned CPU buffers for offloaded activations (one per checkpointed layer) and a side stream."
     def __init__(self): self.bufs, self.stream = {}, None
@@ -529,7 +529,7 @@ def checkpoint(run, h, mode='layer', key=0):
     if mode not in ('layer', 'offload'): raise ValueError(f"checkpoint mode must be 'none', 'layer' or 'offload', got {mode!r}")
     return _fn('ckpt', _make_ckpt_fn).apply(run, mode == 'offload', key, h)
 
-# %% ../nbs/12_performance.ipynb #d2e9a0a4
+# %% ../nbs/12_performance.ipynb #ae7aea6d
 def _lora_linear_module():
     import torch, torch.nn as nn
     class FastLoRALinear(nn.Module):
@@ -567,7 +567,7 @@ def lora_state_dict(model):
     "LoRA weights under peft's key names (`base_model.model.<path>.lora_A.weight`), ready for `adapter_model.safetensors`."
     return {f'base_model.model.{n}': p.detach().cpu() for n, p in model.named_parameters() if 'lora_' in n}
 
-# %% ../nbs/12_performance.ipynb #aad42e57
+# %% ../nbs/12_performance.ipynb #2e4e3134
 _TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 
 def _materialize(t, device, dtype, gen, std=0.02, ones=False):
@@ -702,7 +702,7 @@ def fast_forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
         return CausalLMOutputWithPast(loss=loss, logits=None)
     return CausalLMOutputWithPast(loss=None, logits=self.lm_head(h).float())
 
-# %% ../nbs/12_performance.ipynb #28f3b18a
+# %% ../nbs/12_performance.ipynb #c729ad64
 class InBackwardAdamW:
     """torch AdamW, one per LoRA tensor, stepped as soon as that tensor's gradient is complete during backward;
     the gradient is then freed, so all gradients never exist at once. Same maths as one AdamW over all of them
@@ -726,7 +726,7 @@ class InBackwardAdamW:
     def step(self): pass
     def zero_grad(self, set_to_none=True): pass
 
-# %% ../nbs/12_performance.ipynb #ceb58ef7
+# %% ../nbs/12_performance.ipynb #526a66a0
 def pattern_batch(bs, seq, vocab, step, seed=0):
     "Learnable synthetic data: each row an arithmetic progression modulo 50 (random start and stride), same for any caller."
     import torch
@@ -774,7 +774,7 @@ def train_losses(model, steps, bs, seq, vocab, lr=1e-3, opt='adamw', seed=0, pro
         losses.append(loss.item())
     return losses
 
-# %% ../nbs/12_performance.ipynb #799810fc
+# %% ../nbs/12_performance.ipynb #51d9eac6
 H200_BF16_PEAK = 989.4e12   # dense bf16 FLOP/s, datasheet (SXM)
 H200_HBM_BW = 4.8e12        # bytes/s, datasheet
 
