@@ -1,0 +1,133 @@
+"""ft_course.convert: checkpoint -> peft adapter, merge, refusals, mismatch messages (tiny random Llama: fast, CPU)."""
+import json
+from pathlib import Path
+import pytest
+
+torch = pytest.importorskip('torch')
+from safetensors.torch import save_file
+from ft_course.models import load_model, tiny_model_dir
+from ft_course.convert import pth_to_hf, merge, convert_cli, CheckpointMismatch, fold_lora, read_adapter, template_to_jinja
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    "On a shared 2-core runner one torch thread is several times faster than two fighting threads."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    "A peft LoRA model with non-zero B on the tiny Llama, and a checkpoint folder in ft_course.train's format."
+    from peft import LoraConfig, get_peft_model
+    root = tmp_path_factory.mktemp('convert')
+    name = str(tiny_model_dir('llama'))
+    torch.manual_seed(0)
+    pm = get_peft_model(load_model(name, device='cpu'), LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])).eval()
+    for n, p in pm.named_parameters():
+        if 'lora_B' in n: torch.nn.init.normal_(p, std=0.5)
+    sd = {k.replace('base_model.model.', '').replace('.default', ''): v.detach().clone() for k, v in pm.named_parameters() if 'lora_' in k}
+    ck = root / 'work' / 'checkpoints' / 'iter_10'; ck.mkdir(parents=True)
+    save_file(sd, str(ck / 'trainable.safetensors'))
+    (ck / 'trainer_state.json').write_text(json.dumps(dict(step=10, model=name, method='lora',
+        lora=dict(r=4, alpha=8, dropout=0.0, target_modules=['q_proj', 'v_proj']), prompt_template='chatml')))
+    from ft_course.train import Config, config_source
+    cfg = Config(model=name, method='lora', lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=['q_proj', 'v_proj'],
+                 prompt_template='chatml', name='tiny_test')
+    (ck / 'config.py').write_text(config_source(cfg))
+    x = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad(): ref = pm(x).logits
+    return dict(root=root, name=name, ck=ck, cfg=cfg, x=x, ref=ref)
+
+
+@pytest.fixture(scope='module')
+def adapter(setup):
+    return pth_to_hf(setup['ck'] / 'config.py', setup['ck'], setup['root'] / 'hf_adapter')
+
+
+def test_peft_loads_converted_adapter(setup, adapter):
+    from peft import PeftModel
+    for f in ('adapter_config.json', 'adapter_model.safetensors', 'tokenizer_config.json', 'chat_template.jinja', 'ft_course_template.json'):
+        assert (adapter / f).exists(), f
+    pm = PeftModel.from_pretrained(load_model(setup['name'], device='cpu'), str(adapter)).eval()
+    with torch.no_grad(): got = pm(setup['x']).logits
+    torch.testing.assert_close(got, setup['ref'], rtol=0, atol=1e-5)
+    cfg = json.loads((adapter / 'adapter_config.json').read_text())
+    assert cfg['r'] == 4 and cfg['lora_alpha'] == 8 and sorted(cfg['target_modules']) == ['q_proj', 'v_proj']
+
+
+def test_saved_chat_template_is_the_training_one(adapter):
+    from transformers import AutoTokenizer
+    from ft_course.data import render_chat
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    msgs = [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'},
+            {'role': 'user', 'content': 'again'}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_chat(msgs, 'chatml', add_generation_prompt=True)
+    assert '<|im_end|>' in json.loads((adapter / 'ft_course_template.json').read_text())['stop_words']
+
+
+def test_merge_equals_base_plus_adapter_and_loads_plainly(setup, adapter):
+    from transformers import AutoModelForCausalLM
+    out = merge(setup['name'], adapter, setup['root'] / 'merged', dtype='fp32', max_shard_size='100KB')
+    assert len(list(out.glob('model-*.safetensors'))) > 1 and (out / 'model.safetensors.index.json').exists()
+    assert (out / 'tokenizer_config.json').exists() and (out / 'chat_template.jinja').exists()
+    assert 'quantization_config' not in json.loads((out / 'config.json').read_text())
+    m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad(): got = m(setup['x']).logits
+    torch.testing.assert_close(got, setup['ref'], rtol=0, atol=1e-4)
+    # and equal to peft's own merge
+    from peft import PeftModel
+    pm = PeftModel.from_pretrained(load_model(setup['name'], device='cpu'), str(adapter)).merge_and_unload()
+    for k, v in pm.state_dict().items(): torch.testing.assert_close(m.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_merge_bf16_dtype(setup, adapter):
+    from transformers import AutoModelForCausalLM
+    out = merge(None, adapter, setup['root'] / 'merged_bf16', dtype='bf16')   # base taken from the adapter's config
+    m = AutoModelForCausalLM.from_pretrained(str(out))
+    assert next(m.parameters()).dtype == torch.bfloat16
+
+
+def test_refuses_to_overwrite(setup, adapter, tmp_path):
+    out = tmp_path / 'exists'; out.mkdir(); (out / 'keep.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='--force'): merge(setup['name'], adapter, out)
+    with pytest.raises(FileExistsError, match='--force'): pth_to_hf(setup['ck'] / 'config.py', setup['ck'], out)
+    assert convert_cli(['merge', setup['name'], str(adapter), str(out)]) == 2
+    assert (out / 'keep.txt').read_text() == 'mine'
+    merge(setup['name'], adapter, out, dtype='fp32', force=True)
+    assert not (out / 'keep.txt').exists() and (out / 'config.json').exists()
+    assert not any(p.name.startswith('.') for p in out.parent.iterdir()), 'temp folder left behind'
+
+
+def test_mismatched_checkpoint_message(setup, tmp_path):
+    from dataclasses import replace
+    bad = replace(setup['cfg'], lora_r=8, lora_target_modules=['q_proj', 'k_proj', 'v_proj'])
+    with pytest.raises(CheckpointMismatch) as e: pth_to_hf(bad, setup['ck'], tmp_path / 'a')
+    msg = str(e.value)
+    assert 'r=8' in msg and 'r=[4]' in msg and "'k_proj'" in msg
+    other = replace(setup['cfg'], model=str(tiny_model_dir('qwen2')))
+    with pytest.raises(CheckpointMismatch, match='model'): pth_to_hf(other, setup['ck'], tmp_path / 'b')
+    # a model of another width: the LoRA shapes do not fit
+    wide = tmp_path / 'wide'
+    m = load_model(setup['name'], device='cpu')
+    from ft_course.models import tiny_model, load_tokenizer
+    tiny_model('llama', hidden_size=96, num_attention_heads=4, num_key_value_heads=2).save_pretrained(wide)
+    load_tokenizer('smollm2').save_pretrained(wide)
+    st = json.loads((setup['ck'] / 'trainer_state.json').read_text()); st['model'] = str(wide)
+    ck2 = tmp_path / 'ck2'; ck2.mkdir()
+    import shutil; shutil.copy(setup['ck'] / 'trainable.safetensors', ck2); (ck2 / 'trainer_state.json').write_text(json.dumps(st))
+    with pytest.raises(CheckpointMismatch, match='shapes do not fit'): pth_to_hf(replace(setup['cfg'], model=str(wide)), ck2, tmp_path / 'c')
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
+    assert convert_cli(['pth_to_hf', str(tmp_path / 'nope.py'), str(setup['ck']), str(tmp_path / 'd')]) == 2
+
+
+def test_never_folds_into_4bit(setup, adapter):
+    bnb = pytest.importorskip('bitsandbytes')
+    m = load_model(setup['name'], device='cpu')
+    lin = m.model.layers[0].self_attn.q_proj
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, quant_type='nf4')
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type='nf4')
+    m.model.layers[0].self_attn.q_proj = q
+    cfg, lora = read_adapter(adapter)
+    with pytest.raises(TypeError, match='4-bit'): fold_lora(m, cfg, lora)
