@@ -70,7 +70,6 @@ def test_piped_stdin_chat():
     s = ChatSession(model, tok, max_new_tokens=6)
     want = [s.ask('hello there'), s.ask('and again')]
     s.reset(); want.append(s.ask('and again'))
-    assert want[1] != want[2] or True   # (random weights may or may not depend on the history)
     assert p.stdout == ''.join(w + '\n' for w in want), (p.stdout, want)
     assert '(history cleared)' in p.stderr
 

@@ -131,3 +131,25 @@ def test_never_folds_into_4bit(setup, adapter):
     m.model.layers[0].self_attn.q_proj = q
     cfg, lora = read_adapter(adapter)
     with pytest.raises(TypeError, match='4-bit'): fold_lora(m, cfg, lora)
+
+
+def test_merge_auto_uses_the_nf4_base_for_qlora(setup, tmp_path):
+    "A QLoRA adapter is merged into dequant(NF4(W0)), the weights it was trained against (checked against bitsandbytes)."
+    import shutil
+    from dataclasses import replace
+    from transformers import AutoModelForCausalLM
+    from ft_course.train import config_source
+    bnbF = pytest.importorskip('bitsandbytes.functional')
+    ck = tmp_path / 'iter_1'; shutil.copytree(setup['ck'], ck)
+    (ck / 'config.py').write_text(config_source(replace(setup['cfg'], method='qlora')))
+    st = json.loads((ck / 'trainer_state.json').read_text()); st['method'] = 'qlora'; (ck / 'trainer_state.json').write_text(json.dumps(st))
+    ad = pth_to_hf(ck / 'config.py', ck, tmp_path / 'ad')
+    sd = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).state_dict()
+    auto = sd(merge(setup['name'], ad, tmp_path / 'auto', dtype='fp32'))
+    orig = sd(merge(setup['name'], ad, tmp_path / 'orig', dtype='fp32', base_weights='original'))
+    k = 'model.layers.0.mlp.up_proj.weight'                # not adapted: just the base, rounded through NF4 or not
+    w0 = load_model(setup['name'], device='cpu').state_dict()[k]
+    torch.testing.assert_close(orig[k], w0, rtol=0, atol=0)
+    ref = bnbF.dequantize_4bit(*bnbF.quantize_4bit(w0.clone(), quant_type='nf4', blocksize=64, compress_statistics=True))
+    torch.testing.assert_close(auto[k], ref.reshape(w0.shape), rtol=0, atol=0)
+    assert not torch.equal(auto[k], orig[k])
