@@ -251,6 +251,8 @@ def web_demo_cli(argv=None) -> int:
     p.add_argument('--port', type=int, default=8501)
     args, rest = p.parse_known_args(argv)
     if rest: p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.llava or args.image:
+        print("ft-course web-demo: error: --llava/--image are for `ft-course chat`; the web demo serves text models", file=sys.stderr); return 2
     if args.adapter and not (Path(args.adapter) / 'adapter_config.json').exists():
         print(f"ft-course web-demo: error: {args.adapter}: no adapter_config.json; expected a peft adapter folder", file=sys.stderr); return 2
     fwd = []
