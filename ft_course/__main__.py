@@ -1,0 +1,2 @@
+from ft_course.cli import main
+raise SystemExit(main())
