@@ -15,7 +15,7 @@ config = Config(
     max_length=256, pack_to_max_length=True,
     # schedule: micro-batches of 4 packed sequences, one optimizer step each
     batch_size=4, accumulative_counts=1, dataloader_num_workers=0, max_epochs=3,
-    optim_type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, max_norm=1.0, warmup_ratio=0.03,
+    optim_type='AdamW', lr=5e-4, betas=(0.9, 0.999), weight_decay=0.0, max_norm=1.0, warmup_ratio=0.03,
     # checkpoints and evaluation
     save_steps=20, save_total_limit=2, evaluation_freq=1000,
     evaluation_inputs=['Please introduce yourself.', 'Who are you?', 'Are you my assistant?', 'What is the capital of France?'],
