@@ -11,12 +11,7 @@ torch = pytest.importorskip('torch')
 from ft_course.models import load_model, load_tokenizer, tiny_model_dir
 from ft_course.chat import ChatSession, web_demo_command
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "On a shared 2-core runner one torch thread is several times faster than two fighting threads."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')   # see conftest.py
 
 
 ROOT = Path(__file__).resolve().parents[1]

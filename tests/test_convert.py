@@ -9,12 +9,7 @@ from ft_course.models import load_model, tiny_model_dir
 from ft_course.convert import pth_to_hf, merge, convert_cli, CheckpointMismatch, fold_lora, read_adapter, template_to_jinja
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "On a shared 2-core runner one torch thread is several times faster than two fighting threads."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')   # see conftest.py
 
 
 @pytest.fixture(scope='module')
