@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['NF4_CODE', 'H200_BF16_PEAK', 'H200_HBM_BW', 'memory_anatomy', 'has_triton', 'NF4Weight', 'absmax_fp32',
            'dequantize_nf4_torch', 'dequantize_nf4_triton', 'triton_cdiv', 'check_kernels_interpreted', 'FastConfig',
-           'dequantize', 'qlora_linear', 'qlora_linear_ref', 'rms_norm_ref', 'rms_norm', 'swiglu_ref', 'swiglu',
-           'shift_labels', 'linear_cross_entropy', 'checkpoint', 'group_forward', 'lora_parameters', 'lora_state_dict',
-           'patch_model', 'fast_forward', 'InBackwardAdamW', 'pattern_batch', 'load_qlora_pair', 'train_losses',
-           'shape_params', 'mfu', 'build_fast_model', 'bench_fast', 'bench_dequant', 'ablation_configs', 'bench_cli']
+           'fast_config_from', 'dequantize', 'qlora_linear', 'qlora_linear_ref', 'rms_norm_ref', 'rms_norm',
+           'swiglu_ref', 'swiglu', 'shift_labels', 'linear_cross_entropy', 'checkpoint', 'group_forward',
+           'lora_parameters', 'lora_state_dict', 'patch_model', 'fast_forward', 'InBackwardAdamW', 'pattern_batch',
+           'load_qlora_pair', 'train_losses', 'shape_params', 'mfu', 'build_fast_model', 'GraphedStep', 'bench_fast',
+           'bench_dequant', 'ablation_configs', 'bench_cli']
 
 # %% ../nbs/12_performance.ipynb #8eb57b4d
 def memory_anatomy(config, seq=1024, bs=1, r=64, ce_chunk_elems=2**26) -> dict:
@@ -254,9 +255,33 @@ class FastConfig:
     chunked_ce: bool = True        # cross-entropy in token chunks, gradient computed in the forward: no full logits
     ce_chunk_elems: int = 2**26    # logits elements per chunk (fp32): about 256 MiB
     checkpoint: str = 'offload'    # 'none' | 'layer' (recompute each decoder layer) | 'offload' (its input kept in CPU RAM)
+    prefetch: bool = True          # offload: bring layer i-1's checkpoint back on a side stream while layer i's backward runs
     opt_in_backward: bool = True   # AdamW step per LoRA tensor as soon as its gradient is complete, then freed
     lora_dtype: str = 'float32'    # LoRA A/B master weights (fp32: what peft does); computed in the activations' dtype
+    cuda_graph: bool = False       # benchmarks: capture the whole step once as a CUDA graph and replay it (fixed shapes)
     def replace(self, **kw): return FastConfig(**{**asdict(self), **kw})
+
+_CHOICES = dict(dequant=('triton', 'bnb', 'torch'), checkpoint=('none', 'layer', 'offload'), lora_dtype=('float32', 'bfloat16', 'float16'))
+
+def fast_config_from(spec, trainer: bool = False) -> FastConfig:
+    """A `FastConfig` from True / a dict of switches / a FastConfig, every key and value checked (ValueError naming it).
+    `trainer=True` (`ft-course train`): the trainer keeps its own optimizer (accumulation, clipping, schedule), so
+    `opt_in_backward` is off, and `cuda_graph` (fixed shapes) is refused."""
+    if spec is True or spec is None: d = {}
+    elif isinstance(spec, FastConfig): d = asdict(spec)
+    elif isinstance(spec, dict): d = dict(spec)
+    else: raise ValueError(f"expected True or a dict of FastConfig switches, got {spec!r}")
+    fields = FastConfig.__dataclass_fields__
+    for k, v in d.items():
+        if k not in fields: raise ValueError(f"unknown switch {k!r}; known: {', '.join(fields)}")
+        if k in _CHOICES and v not in _CHOICES[k]: raise ValueError(f"switch {k!r} = {v!r}: expected one of {_CHOICES[k]}")
+        if k == 'ce_chunk_elems' and not (isinstance(v, int) and v >= 1024): raise ValueError(f"switch 'ce_chunk_elems' = {v!r}: expected an integer >= 1024")
+        if k not in _CHOICES and k != 'ce_chunk_elems' and not isinstance(v, bool): raise ValueError(f"switch {k!r} = {v!r}: expected True or False")
+    if trainer:
+        if d.get('cuda_graph'): raise ValueError("switch 'cuda_graph' = True: not available in `ft-course train` (batches change shape); use it by hand with GraphedStep")
+        if d.get('opt_in_backward'): raise ValueError("switch 'opt_in_backward' = True: not available in `ft-course train` (it accumulates and clips whole gradients)")
+        d['opt_in_backward'] = False
+    return FastConfig(**d)
 
 def _use_triton(cfg, t):
     return t.is_cuda and has_triton() or (os.environ.get('TRITON_INTERPRET') == '1' and has_triton())
@@ -477,8 +502,10 @@ def linear_cross_entropy(h, W, labels, chunk_elems=2**26, chunked=True):
 
 # %% ../nbs/12_performance.ipynb #be4c8ba0
 class _PinnedPool:
-    "Reusable pinned CPU buffers for offloaded activations (one per checkpointed layer) and a side stream."
-    def __init__(self): self.bufs, self.stream = {}, None
+    """Reusable pinned CPU buffers for offloaded activations (one per checkpointed layer), a side stream for the copies,
+    the copy still in flight (its source is kept alive until the compute stream has waited for it) and the
+    checkpoints prefetched back to the GPU during the backward."""
+    def __init__(self): self.bufs, self.stream, self.pending, self.pre = {}, None, None, {}
     def get(self, key, t):
         import torch
         b = self.bufs.get(key)
@@ -489,6 +516,37 @@ class _PinnedPool:
         import torch
         if self.stream is None: self.stream = torch.cuda.Stream()
         return self.stream
+    def offload(self, key, h):
+        "Copy `h` to its pinned buffer on the side stream; the compute stream joins that copy at the next `join()`."
+        import torch
+        self.join()
+        buf, s = self.get(key, h), self.side()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s): buf.copy_(h, non_blocking=True)
+        ev = s.record_event()
+        self.pending = (h, ev)       # h may not be freed (and its memory reused) before the copy has read it
+        return buf, ev
+    def join(self):
+        import torch
+        if self.pending is not None:
+            torch.cuda.current_stream().wait_event(self.pending[1]); self.pending = None
+    def prefetch(self, key, dev, ev):
+        "Start copying checkpoint `key` back to the GPU on the side stream (the backward of the layer before needs it next)."
+        import torch
+        if key not in self.bufs or key in self.pre: return
+        main, s = torch.cuda.current_stream(), self.side()
+        t = torch.empty(self.bufs[key].shape, dtype=self.bufs[key].dtype, device=dev)   # allocated in the compute stream's order
+        s.wait_stream(main); s.wait_event(ev)
+        with torch.cuda.stream(s): t.copy_(self.bufs[key], non_blocking=True)
+        self.pre[key] = (t, s.record_event())
+    def fetch(self, key, dev, ev):
+        "Checkpoint `key` on the GPU: the prefetched copy (waited for), or a copy on the compute stream."
+        import torch
+        main = torch.cuda.current_stream()
+        if key in self.pre:
+            t, e = self.pre.pop(key); main.wait_event(e); return t
+        main.wait_event(ev)
+        return self.bufs[key].to(dev, non_blocking=True)
 
 _POOL = _PinnedPool()
 
@@ -496,38 +554,39 @@ def _make_ckpt_fn():
     import torch
     class CheckpointFunction(torch.autograd.Function):
         """Run `run(h)` without keeping its activations; in backward recompute it from `h` and backpropagate
-        (re-entrant). With `offload`, `h` itself waits in pinned CPU memory (copied on a side stream)."""
+        (re-entrant). With `offload`, `h` itself waits in pinned CPU memory (copied on a side stream); with
+        `prefetch`, the backward of layer `key` starts bringing layer `key-1`'s checkpoint back meanwhile."""
         @staticmethod
-        def forward(ctx, run, offload, key, h):
+        def forward(ctx, run, offload, key, prefetch, evs, h):
             with torch.no_grad(): out = run(h)
-            ctx.run, ctx.off = run, offload and h.is_cuda
+            ctx.run, ctx.off, ctx.key, ctx.prefetch, ctx.evs = run, offload and h.is_cuda, key, prefetch, evs
             if ctx.off:
-                buf = _POOL.get(key, h); s = _POOL.side()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s): buf.copy_(h, non_blocking=True)
-                h.record_stream(s)
-                ctx.buf, ctx.ev, ctx.dev = buf, s.record_event(), h.device
+                _, ev = _POOL.offload(key, h)
+                evs[key] = ev; ctx.dev = h.device
             else:
                 ctx.save_for_backward(h)
             return out
         @staticmethod
         def backward(ctx, dout):
             if ctx.off:
-                torch.cuda.current_stream().wait_event(ctx.ev)
-                h = ctx.buf.to(ctx.dev, non_blocking=True)
+                _POOL.join()
+                h = _POOL.fetch(ctx.key, ctx.dev, ctx.evs[ctx.key])
+                if ctx.prefetch and ctx.key - 1 in ctx.evs: _POOL.prefetch(ctx.key - 1, ctx.dev, ctx.evs[ctx.key - 1])
             else:
                 (h,) = ctx.saved_tensors
             h = h.detach().requires_grad_(True)
             with torch.enable_grad(): out = ctx.run(h)
             torch.autograd.backward(out, dout)
-            return None, None, None, h.grad
+            return None, None, None, None, None, h.grad
     return CheckpointFunction
 
-def checkpoint(run, h, mode='layer', key=0):
-    "mode 'none': plain call; 'layer': recompute in backward; 'offload': also keep `h` in CPU RAM meanwhile."
+def checkpoint(run, h, mode='layer', key=0, prefetch=True, evs=None):
+    """mode 'none': plain call; 'layer': recompute in backward; 'offload': also keep `h` in CPU RAM meanwhile
+    (`evs`: a dict shared by the layers of one forward, so a layer's backward can prefetch the previous layer's input)."""
     if mode == 'none': return run(h)
     if mode not in ('layer', 'offload'): raise ValueError(f"checkpoint mode must be 'none', 'layer' or 'offload', got {mode!r}")
-    return _fn('ckpt', _make_ckpt_fn).apply(run, mode == 'offload', key, h)
+    return _fn('ckpt', _make_ckpt_fn).apply(run, mode == 'offload', key, prefetch, {} if evs is None else evs, h)
+
 
 # %% ../nbs/12_performance.ipynb #ae7aea6d
 def _lora_linear_module():
@@ -577,16 +636,17 @@ def _materialize(t, device, dtype, gen, std=0.02, ones=False):
     if ones: return torch.ones(t.shape, device=device, dtype=dtype)
     return (torch.randn(t.shape, device=device, dtype=torch.float32, generator=gen) * std).to(dtype)
 
-def _to_nf4(lin, device, dtype, gen):
+def _to_nf4(lin, device, dtype, gen, double_quant=True):
     w = lin.weight
     if hasattr(w, 'quant_state') and w.quant_state is not None:   # already a bitsandbytes Linear4bit
         return NF4Weight.from_bnb(w.data, w.quant_state).to(device)
     qs = getattr(lin, 'quant_state', None)
     if qs is not None and hasattr(qs, 'state2'):                  # ft_course.nf4.LinearNF4
         return NF4Weight.from_nf4_state(lin.weight, qs).to(device)
-    return NF4Weight.quantize(_materialize(w, device, dtype, gen))
+    return NF4Weight.quantize(_materialize(w, device, dtype, gen), double_quant=double_quant)
 
-def patch_model(model, cfg: FastConfig | None = None, r: int = 64, alpha: float = 16, device=None, dtype=None, seed: int = 0):
+def patch_model(model, cfg: FastConfig | None = None, r: int = 64, alpha: float = 16, device=None, dtype=None, seed: int = 0,
+                double_quant: bool = True):
     """Turn a Hugging Face Llama-family causal LM (Llama, Mistral, Qwen2 layouts) into ft_course's fast QLoRA model,
     in place: every linear layer of the decoder becomes a frozen NF4 weight (bitsandbytes' format, quantized
     layer by layer on `device`; bitsandbytes `Linear4bit` and `ft_course.nf4.LinearNF4` layers are taken over as they
@@ -611,7 +671,7 @@ def patch_model(model, cfg: FastConfig | None = None, r: int = 64, alpha: float 
                 if lin is None: continue
                 if isinstance(lin, Lin): continue
                 b = None if getattr(lin, 'bias', None) is None else _materialize(lin.bias, device, dtype, gen, std=0)
-                new = Lin(_to_nf4(lin, device, dtype, gen), r, alpha, b, lora_dtype)
+                new = Lin(_to_nf4(lin, device, dtype, gen, double_quant), r, alpha, b, lora_dtype)
                 setattr(parent, name, new); del lin
         for ln in (layer.input_layernorm, layer.post_attention_layernorm):
             ln.weight = nn.Parameter(_materialize(ln.weight, device, dtype, gen, ones=True), requires_grad=False)
@@ -626,8 +686,9 @@ def patch_model(model, cfg: FastConfig | None = None, r: int = 64, alpha: float 
     if torch.cuda.is_available() and device.type == 'cuda': torch.cuda.empty_cache()
     return model
 
-def _rope_cache(model, S, device, dtype):
-    "cos, sin (S, head_dim) for the default RoPE (the patched model's own rotary module when it is materialized)."
+def _rope_cache(model, S, device, dtype, position_ids=None):
+    """cos, sin for the default RoPE (the patched model's own rotary module when it is materialized): (S, head_dim),
+    or (B, 1, S, head_dim) gathered at `position_ids` (packed samples restart at 0)."""
     import torch
     c = model.config
     hd = getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
@@ -635,13 +696,16 @@ def _rope_cache(model, S, device, dtype):
     pos = torch.arange(S, device=device)
     if rot is not None and not rot.inv_freq.is_meta:
         cos, sin = rot(torch.empty(0, device=device, dtype=dtype), pos[None])
-        return cos[0], sin[0]
-    rp = getattr(c, 'rope_parameters', None) or {}
-    theta = rp.get('rope_theta', getattr(c, 'rope_theta', 10000.0))
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
-    f = pos.float()[:, None] * inv[None]
-    emb = torch.cat([f, f], -1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = cos[0], sin[0]
+    else:
+        rp = getattr(c, 'rope_parameters', None) or {}
+        theta = rp.get('rope_theta', getattr(c, 'rope_theta', 10000.0))
+        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+        f = pos.float()[:, None] * inv[None]
+        emb = torch.cat([f, f], -1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    if position_ids is None: return cos, sin
+    return cos[position_ids][:, None], sin[position_ids][:, None]
 
 def _rotate_half(x):
     import torch
@@ -673,45 +737,58 @@ def _layer_forward(layer, h, cos, sin, mask, cfg, c):
     return h + group_forward(a, [mlp.down_proj], cfg.dequant)
 
 def _attn_mask(attention_mask, S, device):
-    "None when no position is masked (causal flash attention); else a boolean (B, 1, S, S) causal & key mask."
+    """The attention mask for SDPA: None when nothing is masked (causal flash attention); else a boolean (B, 1, S, S)
+    mask, True = attend: from a (B, S) padding mask (causal & real keys), or a (B, 1, S, S) mask as the packed
+    collate makes it (boolean, or additive float: 0 = attend)."""
     import torch
-    if attention_mask is None or bool(attention_mask.all()): return None
-    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-    m = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    if attention_mask is None: return None
+    if attention_mask.dim() == 4:
+        m = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    elif attention_mask.dim() == 2:
+        if bool(attention_mask.all()): return None
+        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+        m = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    else: raise ValueError(f"attention_mask must be (batch, seq) or (batch, 1, seq, seq), got shape {tuple(attention_mask.shape)}")
     return m | torch.eye(S, dtype=torch.bool, device=device)[None, None]   # a fully masked row would give NaN
 
-def fast_forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
-    "The patched model's forward: embeddings, checkpointed fast decoder layers, final norm, chunked loss."
+def fast_forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, **kw):
+    """The patched model's forward. With `labels`: embeddings, checkpointed fast decoder layers, final norm, chunked
+    loss (`.loss` only). Without labels (generation, logits): the model's own Hugging Face forward, which runs the
+    same patched layers and keeps its KV cache."""
     import torch
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
     cfg, c, inner = self.fast_config, self.config, self.model
     B, S = input_ids.shape
     h = inner.embed_tokens(input_ids)
-    cos, sin = _rope_cache(self, S, h.device, h.dtype)
+    cos, sin = _rope_cache(self, S, h.device, h.dtype, position_ids)
     mask = _attn_mask(attention_mask, S, h.device)
     train = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
     ck = cfg.checkpoint if train else 'none'
     if train and ck != 'none': h = h.detach().requires_grad_(True)
+    evs = {}
     for i, layer in enumerate(inner.layers):
         run = (lambda hh, layer=layer: _layer_forward(layer, hh, cos, sin, mask, cfg, c))
-        h = checkpoint(run, h, ck, key=i)
+        h = checkpoint(run, h, ck, key=i, prefetch=cfg.prefetch, evs=evs)
+    if ck == 'offload' and h.is_cuda: _POOL.join()
     h = rms_norm(h, inner.norm.weight, c.rms_norm_eps, cfg.fused_norm)
-    if labels is not None:
-        if attention_mask is not None: labels = labels.masked_fill(attention_mask == 0, -100)
-        loss = linear_cross_entropy(h, self.lm_head.weight, labels, cfg.ce_chunk_elems, cfg.chunked_ce)
-        return CausalLMOutputWithPast(loss=loss, logits=None)
-    return CausalLMOutputWithPast(loss=None, logits=self.lm_head(h).float())
+    if attention_mask is not None and attention_mask.dim() == 2: labels = labels.masked_fill(attention_mask == 0, -100)
+    loss = linear_cross_entropy(h, self.lm_head.weight, labels, cfg.ce_chunk_elems, cfg.chunked_ce)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
 
 # %% ../nbs/12_performance.ipynb #c729ad64
 class InBackwardAdamW:
     """torch AdamW, one per LoRA tensor, stepped as soon as that tensor's gradient is complete during backward;
     the gradient is then freed, so all gradients never exist at once. Same maths as one AdamW over all of them
     (no global gradient clipping, no gradient accumulation). `step()` and `zero_grad()` are no-ops."""
-    def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, capturable=False):
         import torch
         self.opts = []
         for p in params:
-            o = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=p.is_cuda or None)
+            o = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=p.is_cuda or None,
+                                  capturable=capturable and p.is_cuda)
             self.opts.append(o)
             p.register_post_accumulate_grad_hook(self._hook(o))
     @staticmethod
@@ -800,6 +877,33 @@ def build_fast_model(shape='llama2-7b', cfg=None, r=64, alpha=16, device='cuda',
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return patch_model(model, cfg, r, alpha, device=device, dtype=torch.bfloat16, seed=seed).train()
 
+class GraphedStep:
+    """A whole training step (forward, backward, optimizer) recorded once as a CUDA graph, then replayed: one launch
+    instead of thousands, no Python in the loop. Shapes are fixed: each call copies the batch into the static input
+    buffers. `opt` must be capturable (`InBackwardAdamW(..., capturable=True)` or a torch optimizer with
+    `capturable=True`); its learning rate is baked in. Warm-up steps (real steps, at least one: lazily made tensors
+    and Triton's compilation must happen before the capture) run first, eagerly, on a side stream."""
+    def __init__(self, model, opt, input_ids, labels=None, warmup=3):
+        import torch
+        warmup = max(1, warmup)
+        self.model, self.opt = model, opt
+        self.x = input_ids.clone(); self.y = (input_ids if labels is None else labels).clone()
+        s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup): self._body()
+        torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph): self.loss = self._body()
+    def _body(self):
+        loss = self.model(input_ids=self.x, labels=self.y).loss
+        loss.backward(); self.opt.step(); self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    def __call__(self, input_ids=None, labels=None):
+        "One step on this batch (or on the static buffers as they are); returns the loss tensor (read after the step)."
+        if input_ids is not None: self.x.copy_(input_ids); self.y.copy_(input_ids if labels is None else labels)
+        self.graph.replay()
+        return self.loss
+
 def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, label='ft_course', **overrides):
     "Tokens/s and peak memory of full QLoRA training steps (forward, backward, AdamW) on CUDA; a JSON-able dict."
     import torch
@@ -810,12 +914,15 @@ def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, 
     model = build_fast_model(shape, cfg, **overrides)
     load = torch.cuda.max_memory_allocated() - base
     params = lora_parameters(model)
-    opt = InBackwardAdamW(params, lr=2e-4) if cfg.opt_in_backward else torch.optim.AdamW(params, lr=2e-4)
+    g = cfg.cuda_graph
+    opt = InBackwardAdamW(params, lr=2e-4, capturable=g) if cfg.opt_in_backward else torch.optim.AdamW(params, lr=2e-4, fused=True, capturable=g)
     x = torch.randint(0, model.config.vocab_size, (bs, seq), device='cuda')
     def step():
         loss = model(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         return loss
-    for _ in range(warmup): step()
+    if g: step = GraphedStep(model, opt, x, warmup=warmup)
+    else:
+        for _ in range(warmup): step()
     torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(steps): loss = step()
     torch.cuda.synchronize(); dt = (time.perf_counter() - t) / steps
@@ -824,7 +931,7 @@ def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, 
     res = dict(impl=label, model=f'{shape}-shape', mode='qlora', seq=seq, bs=bs, step_s=round(dt, 4), tok_s=round(bs * seq / dt),
                load_GiB=round(load / 2**30, 2), peak_GiB=round(peak / 2**30, 2), mfu_4N=round(mfu(bs * seq / dt, n), 4),
                n_params=n, loss=round(loss.item(), 4), flags=asdict(cfg))
-    del model, opt, params, step; _POOL.bufs.clear(); gc.collect(); torch.cuda.empty_cache()
+    del model, opt, params, step; _POOL.bufs.clear(); _POOL.pre.clear(); _POOL.pending = None; gc.collect(); torch.cuda.empty_cache()
     return res
 
 def bench_dequant(shapes=((4096, 4096), (11008, 4096)), reps=200):
@@ -859,7 +966,8 @@ def ablation_configs():
     steps = [('plain (bnb dequant, full logits, layer checkpointing)', {}), ('+ Triton NF4 dequant', dict(dequant='triton')),
              ('+ fused q,k,v and gate,up', dict(fuse_proj=True)), ('+ fused RMSNorm', dict(fused_norm=True)),
              ('+ fused SwiGLU', dict(fused_swiglu=True)), ('+ chunked cross-entropy', dict(chunked_ce=True)),
-             ('+ AdamW in backward', dict(opt_in_backward=True)), ('+ offload checkpoints to CPU', dict(checkpoint='offload'))]
+             ('+ AdamW in backward', dict(opt_in_backward=True)), ('+ offload checkpoints to CPU', dict(checkpoint='offload', prefetch=False)),
+             ('+ prefetch checkpoints', dict(prefetch=True)), ('+ CUDA graph of the whole step', dict(cuda_graph=True))]
     out, kw = [], {}
     for name, d in steps:
         kw.update(d); out.append((name, off.replace(**kw)))
@@ -879,6 +987,9 @@ def bench_cli(argv=None) -> int:
     p.add_argument('--dequant', default='triton', choices=['triton', 'bnb', 'torch'])
     p.add_argument('--no-offload', action='store_true', help='keep checkpointed activations on the GPU')
     p.add_argument('--no-chunked-ce', action='store_true'); p.add_argument('--no-opt-in-backward', action='store_true')
+    p.add_argument('--no-prefetch', action='store_true', help='offload: copy each checkpoint back only when its layer needs it')
+    p.add_argument('--cuda-graph', action='store_true', help='capture the whole step as one CUDA graph and replay it')
+    p.add_argument('--label', default='ft_course', help='the impl name written with the figures')
     p.add_argument('--dequant-only', action='store_true', help='only the NF4 dequantization kernel against bitsandbytes')
     p.add_argument('--ablation', action='store_true', help='switch the means on one at a time')
     p.add_argument('--out', help='append JSON lines here')
@@ -890,8 +1001,8 @@ def bench_cli(argv=None) -> int:
     if a.dequant_only: rows = bench_dequant()
     else:
         cfg = FastConfig(dequant=a.dequant, checkpoint='layer' if a.no_offload else 'offload', chunked_ce=not a.no_chunked_ce,
-                         opt_in_backward=not a.no_opt_in_backward)
-        cfgs = ablation_configs() if a.ablation else [('ft_course', cfg)]
+                         opt_in_backward=not a.no_opt_in_backward, prefetch=not a.no_prefetch, cuda_graph=a.cuda_graph)
+        cfgs = ablation_configs() if a.ablation else [(a.label, cfg)]
         rows = [bench_fast(a.shape, a.seq, a.bs, c, a.steps, a.warmup, label=n) for n, c in cfgs]
     for r in rows: print(json.dumps(r))
     if a.out:

@@ -34,6 +34,7 @@ class Config:
     model: str = _f('smollm2', "model to fine-tune: a zoo name (`smollm2`, `tiny-llama`), a local folder or a hub name (XTuner: `pretrained_model_name_or_path`)")
     method: str = _f('qlora', "'qlora' (4-bit NF4 base + LoRA), 'lora' (full-precision base + LoRA) or 'full' (every weight trained)")
     quant_backend: str = _f('bnb', "QLoRA's 4-bit layers: 'bnb' (bitsandbytes Linear4bit) or 'ft_course' (the course's own NF4 layers)")
+    fast: Any = _f(False, "ft_course's fast QLoRA path (`ft_course.fast`, lesson 12: Triton NF4 dequantization, fused layers, chunked loss, checkpoints offloaded to CPU): False, True, or a dict of `FastConfig` switches such as dict(checkpoint='layer'). Needs method='qlora', lora_dropout=0, LoRA on all linear layers, a Llama-family model")
     double_quant: bool = _f(True, "QLoRA: quantize the absmax constants too (0.5 -> 0.127 bit/param)")
     lora_r: int = _f(64, "LoRA rank r (XTuner's default 64)")
     lora_alpha: float = _f(16, "LoRA alpha: the update is scaled by alpha/r (XTuner's default 16)")
@@ -169,6 +170,15 @@ def validate_config(cfg: Config) -> Config:
         t = c.lora_target_modules
         _check(t == 'all-linear' or (isinstance(t, (list, tuple)) and t and all(isinstance(x, str) for x in t)),
                c, 'lora_target_modules', "'all-linear' or a non-empty list of module names")
+    if c.fast is not False and c.fast is not None:
+        from ft_course.fast import fast_config_from, _TARGETS
+        try: fast_config_from(c.fast, trainer=True)
+        except ValueError as e: raise ConfigError(f"{getattr(c, '_source', c.name)}: key 'fast': {e}") from None
+        _check(c.method == 'qlora', c, 'method', "'qlora' when fast is on (the fast path trains LoRA over an NF4 base)")
+        _check(c.lora_dropout == 0, c, 'lora_dropout', "0 when fast is on (the fast path has no LoRA dropout)")
+        t = c.lora_target_modules
+        _check(t == 'all-linear' or set(t) == set(_TARGETS), c, 'lora_target_modules', f"'all-linear' (or all of {list(_TARGETS)}) when fast is on")
+        _check(c.model_builder is None, c, 'fast', "off with a custom model_builder (the fast path patches the default causal LM)")
     _check(c.dtype in ('auto', 'fp32', 'float32', 'bf16', 'bfloat16', 'fp16', 'float16'), c, 'dtype', "'auto', 'fp32', 'bf16' or 'fp16'")
     for k in ('model_builder', 'dataset_builder'):
         v = getattr(c, k)
@@ -245,6 +255,13 @@ def build_model(cfg: Config):
     "The default model builder: load, quantize (QLoRA), add LoRA (or unfreeze all for 'full'); returns (model, tokenizer)."
     model, tok = load_base_model(cfg)
     dtype = _torch_dtype(cfg)
+    if cfg.fast:   # lesson 12's path: NF4 + LoRA layers of its own and a fused forward; quantized on the device
+        from ft_course.fast import patch_model, fast_config_from
+        from ft_course.core import default_device
+        try: patch_model(model, fast_config_from(cfg.fast, trainer=True), r=cfg.lora_r, alpha=cfg.lora_alpha,
+                         device=default_device(), dtype=dtype, double_quant=cfg.double_quant)
+        except TypeError as e: raise ConfigError(f"{getattr(cfg, '_source', cfg.name)}: key 'fast': {e}") from None
+        return model.train(), tok
     if cfg.method == 'qlora':
         if cfg.quant_backend == 'bnb': _bnb_quantize(model, dtype, cfg.double_quant)
         else:
@@ -589,7 +606,7 @@ def _save_checkpoint(cfg, work_dir, step, micro, epoch, model, opt, sched, engin
             torch.save(opt.state_dict(), tmp / 'optimizer.pt'); torch.save(sched.state_dict(), tmp / 'scheduler.pt')
         state = dict(step=step, micro_step=micro, epoch=epoch, data_position=micro, world_size=world,
                      counts="step = optimizer steps; micro_step = micro-batches (XTuner's 'iter') = step x accumulative_counts",
-                     config_name=cfg.name, model=cfg.model, method=cfg.method, quant_backend=cfg.quant_backend,
+                     config_name=cfg.name, model=cfg.model, method=cfg.method, quant_backend=cfg.quant_backend, fast=cfg.fast,
                      lora=dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules),
                      prompt_template=cfg.prompt_template, system=cfg.system, deepspeed=cfg.deepspeed, seed=cfg.seed,
                      model_builder=cfg.model_builder, dataset_builder=cfg.dataset_builder, n_trainable=len(sd))
