@@ -13,7 +13,8 @@ def impl_name(r):
     i = r.get('impl') or ''
     if part == 'hf' or i.startswith('transformers'): return 'transformers+peft+bnb'
     if part == 'unsloth' or i.startswith('unsloth'): return 'Unsloth'
-    return 'ft_course fast'
+    if 'graph' in i: return 'ft_course, CUDA graph'
+    return 'ft_course, eager'
 
 def main(argv=None):
     argv = argv or sys.argv[1:]
@@ -26,10 +27,10 @@ def main(argv=None):
     for r in rows:
         k = (r['model'].replace('-shape', ''), r['seq'], r['bs'])
         if k not in keys: keys.append(k)
-    impls = ['transformers+peft+bnb', 'Unsloth', 'ft_course fast']
-    colors = {'transformers+peft+bnb': '#999999', 'Unsloth': '#4c72b0', 'ft_course fast': '#dd8452'}
+    impls = ['transformers+peft+bnb', 'Unsloth', 'ft_course, eager', 'ft_course, CUDA graph']
+    colors = {'transformers+peft+bnb': '#999999', 'Unsloth': '#4c72b0', 'ft_course, eager': '#f0b27a', 'ft_course, CUDA graph': '#dd8452'}
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.2))
-    w = 0.27
+    w = 0.2
     for j, (metric, title) in enumerate([('tok_s', 'tokens / s (higher is better)'), ('peak_GiB', 'peak GPU memory, GiB (lower is better)')]):
         ax = axs[j]
         for i, im in enumerate(impls):
@@ -37,7 +38,7 @@ def main(argv=None):
             for k in keys:
                 m = [r[metric] for r in rows if impl_name(r) == im and (r['model'].replace('-shape', ''), r['seq'], r['bs']) == k]
                 vals.append(m[-1] if m else 0)
-            xs = [x + (i - 1) * w for x in range(len(keys))]
+            xs = [x + (i - 1.5) * w for x in range(len(keys))]
             b = ax.bar(xs, vals, w, label=im, color=colors[im])
             for x, v in zip(xs, vals):
                 if v: ax.text(x, v, f'{v:.0f}' if metric == 'tok_s' else f'{v:.1f}', ha='center', va='bottom', fontsize=7)

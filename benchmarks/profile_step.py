@@ -3,13 +3,13 @@
     python benchmarks/profile_step.py internlm2-1.8b 2048 8 [--out DIR]"""
 import argparse, json, sys
 import torch
-from ft_course.fast import FastConfig, build_fast_model, lora_parameters, InBackwardAdamW
+from ft_course.fast import FastConfig, build_fast_model, lora_groups, InBackwardAdamW
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__); ap.add_argument('shape'); ap.add_argument('seq', type=int); ap.add_argument('bs', type=int)
     ap.add_argument('--out', default='.'); a = ap.parse_args(argv)
     m = build_fast_model(a.shape, FastConfig())
-    opt = InBackwardAdamW(lora_parameters(m), lr=2e-4)
+    opt = InBackwardAdamW(lora_groups(m), lr=2e-4)
     x = torch.randint(0, m.config.vocab_size, (a.bs, a.seq), device='cuda')
     def step(): m(input_ids=x, labels=x).loss.backward()
     for _ in range(2): step()

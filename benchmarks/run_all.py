@@ -45,6 +45,7 @@ def main(argv=None):
     ap.add_argument('--budget', type=float, default=560)
     ap.add_argument('--configs', default='all', help="'all' or e.g. llama2-7b:1024:1,internlm2-1.8b:2048:8")
     ap.add_argument('--hf-configs', default='all')
+    ap.add_argument('--fast-variants', default='prefetch,graph-offload', help='variants of ft_course\'s path (benchmarks/variants.py)')
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     res, log = os.path.join(a.out, 'results.jsonl'), os.path.join(a.out, 'run_log.txt')
@@ -71,8 +72,8 @@ def main(argv=None):
         todo = cfgs if part in ('fast', 'unsloth', 'fast-lean-off') else hf_cfgs if part == 'hf' else [('internlm2-1.8b', 2048, 8)]
         for shape, seq, bs in todo:
             if left() < 30: emit([dict(kind='skipped', part=part, model=shape, seq=seq, bs=bs, why='time budget')]); continue
-            if part == 'fast':
-                cmd = [py, '-c', f'from ft_course.fast import bench_cli; bench_cli(["--shape","{shape}","--seq","{seq}","--bs","{bs}"])']
+            if part == 'fast':   # the eager path (what `ft-course train` runs) and the whole step as one CUDA graph
+                cmd = [py, os.path.join(HERE, 'variants.py'), shape, str(seq), str(bs), '--variants', a.fast_variants]
             elif part == 'fast-lean-off':   # small-batch variant: checkpoints kept on the GPU, one AdamW after backward
                 cmd = [py, '-c', f'from ft_course.fast import bench_cli; bench_cli(["--shape","{shape}","--seq","{seq}","--bs","{bs}","--no-offload","--no-opt-in-backward","--steps","5","--warmup","2"])']
             elif part == 'ablation':

@@ -6,10 +6,10 @@
 __all__ = ['NF4_CODE', 'H200_BF16_PEAK', 'H200_HBM_BW', 'memory_anatomy', 'has_triton', 'NF4Weight', 'absmax_fp32',
            'dequantize_nf4_torch', 'dequantize_nf4_triton', 'triton_cdiv', 'check_kernels_interpreted', 'FastConfig',
            'fast_config_from', 'dequantize', 'qlora_linear', 'qlora_linear_ref', 'rms_norm_ref', 'rms_norm',
-           'swiglu_ref', 'swiglu', 'shift_labels', 'linear_cross_entropy', 'checkpoint', 'group_forward',
-           'lora_parameters', 'lora_state_dict', 'patch_model', 'fast_forward', 'InBackwardAdamW', 'pattern_batch',
-           'load_qlora_pair', 'train_losses', 'shape_params', 'mfu', 'build_fast_model', 'GraphedStep', 'bench_fast',
-           'bench_dequant', 'ablation_configs', 'bench_cli']
+           'swiglu_ref', 'swiglu', 'rope_ref', 'rope', 'shift_labels', 'linear_cross_entropy', 'checkpoint',
+           'group_forward', 'lora_parameters', 'lora_groups', 'lora_state_dict', 'patch_model', 'fast_forward',
+           'InBackwardAdamW', 'pattern_batch', 'load_qlora_pair', 'train_losses', 'shape_params', 'mfu',
+           'build_fast_model', 'GraphedStep', 'bench_fast', 'bench_dequant', 'ablation_configs', 'bench_cli']
 
 # %% ../nbs/12_performance.ipynb #8eb57b4d
 def memory_anatomy(config, seq=1024, bs=1, r=64, ce_chunk_elems=2**26) -> dict:
@@ -203,6 +203,55 @@ def _kernels():
         tl.store(gu + row * 2 * F + cols, dg.to(gu.dtype.element_ty), mask=m)
         tl.store(gu + row * 2 * F + F + cols, du.to(gu.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def rope_kernel(x, cos, sin, y, S, NH, sxb, sxs, sxh, scb, scs, syb, sys_, syh,
+                    H2: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+        # one program: one token (b, s), all its heads; element (b, s, h, d) of x at b*sxb + s*sxs + h*sxh + d
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // S; s = pid % S
+        hh = tl.arange(0, BLOCK_H)[:, None]; d = tl.arange(0, H2)[None, :]
+        m = hh < NH
+        xo = x + b * sxb + s * sxs + hh * sxh + d
+        x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32); x2 = tl.load(xo + H2, mask=m, other=0.0).to(tl.float32)
+        co = b * scb + s * scs + d
+        c1 = tl.load(cos + co).to(tl.float32); c2 = tl.load(cos + co + H2).to(tl.float32)
+        s1 = tl.load(sin + co).to(tl.float32); s2 = tl.load(sin + co + H2).to(tl.float32)
+        if BACKWARD:   # the transpose of the rotation
+            y1 = x1 * c1 + x2 * s2; y2 = x2 * c2 - x1 * s1
+        else:          # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+            y1 = x1 * c1 - x2 * s1; y2 = x2 * c2 + x1 * s2
+        yo = y + b * syb + s * sys_ + hh * syh + d
+        tl.store(yo, y1.to(y.dtype.element_ty), mask=m); tl.store(yo + H2, y2.to(y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def ce_rows_kernel(z, lab, loss, stride, V: tl.constexpr, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        # one program: one row of logits z (any float dtype, fp32 maths). Online max/sum-exp over the row -> its loss;
+        # then, in place over z, the gradient of that loss w.r.t. the logits: softmax(z) - onehot(label) (0 if ignored)
+        row = tl.program_id(0).to(tl.int64)
+        base = z + row * stride
+        cols = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float('-inf'), tl.float32), 0)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for off in range(0, V, BLOCK):
+            x = tl.load(base + off + cols, mask=off + cols < V, other=float('-inf')).to(tl.float32)
+            mn = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - mn) + tl.sum(tl.exp(x - mn), 0)
+            m = mn
+        lse = m + tl.log(s)
+        t = tl.load(lab + row)
+        valid = t != -100
+        tc = tl.where(valid, t, 0)
+        zt = tl.load(base + tc).to(tl.float32)
+        tl.store(loss + row, tl.where(valid, lse - zt, 0.0))
+        if WRITE_GRAD:
+            for off in range(0, V, BLOCK):
+                c = off + cols
+                x = tl.load(base + c, mask=c < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse)
+                g = tl.where(c == tc, g - 1.0, g)
+                g = tl.where(valid, g, 0.0)
+                tl.store(base + c, g.to(z.dtype.element_ty), mask=c < V)
+
     _KERNELS = types.SimpleNamespace(**{k: v for k, v in locals().items() if k.endswith('_kernel')}, triton=triton)
     return _KERNELS
 
@@ -232,6 +281,14 @@ for dq in (True, False):
 x = torch.randn(6, 96); w = torch.rand(96) + 0.5
 assert torch.allclose(F.rms_norm(x, w, 1e-6), F.rms_norm_ref(x, w, 1e-6), atol=1e-5), 'rmsnorm'
 gu = torch.randn(4, 160); assert torch.allclose(F.swiglu(gu.clone()), F.swiglu_ref(gu), atol=1e-6), 'swiglu'
+q = torch.randn(2, 5, 3, 16, requires_grad=True); cos, sin = torch.randn(5, 16), torch.randn(5, 16); g = torch.randn(2, 3, 5, 16)
+a = F.rope(q, cos, sin); b = F.rope_ref(q, cos, sin)
+assert torch.allclose(a, b, atol=1e-5), 'rope'
+assert torch.allclose(torch.autograd.grad(a, q, g)[0], torch.autograd.grad(b, q, g)[0], atol=1e-5), 'rope backward'
+h = torch.randn(2, 9, 32, requires_grad=True); W = torch.randn(5000, 32) * 0.3; lab = torch.randint(0, 5000, (2, 9)); lab[0, 3] = -100
+a = F.linear_cross_entropy(h, W, lab, chunk_elems=15000, fused=True); b = F.linear_cross_entropy(h, W, lab, chunk_elems=15000, fused=False)
+assert torch.allclose(a, b, atol=1e-5), 'ce'
+assert torch.allclose(torch.autograd.grad(a, h)[0], torch.autograd.grad(b, h)[0], atol=1e-5), 'ce backward'
 print('kernels ok')
 """
 
@@ -252,8 +309,10 @@ class FastConfig:
     fuse_proj: bool = True         # q,k,v and gate,up as one dequant + one matmul each, LoRA A's stacked
     fused_norm: bool = True        # RMSNorm forward/backward as one Triton kernel each, saving only x and 1/rms
     fused_swiglu: bool = True      # silu(gate)*up one kernel; backward in place over the gate/up buffer
+    fused_rope: bool = True        # RoPE of q and k one kernel each (written straight into the attention layout), backward too
     chunked_ce: bool = True        # cross-entropy in token chunks, gradient computed in the forward: no full logits
     ce_chunk_elems: int = 2**26    # logits elements per chunk (fp32): about 256 MiB
+    fused_ce: bool = True          # chunked CE: softmax, loss and gradient of a chunk's logits in one Triton pass, in place
     checkpoint: str = 'offload'    # 'none' | 'layer' (recompute each decoder layer) | 'offload' (its input kept in CPU RAM)
     prefetch: bool = True          # offload: bring layer i-1's checkpoint back on a side stream while layer i's backward runs
     opt_in_backward: bool = True   # AdamW step per LoRA tensor as soon as its gradient is complete, then freed
@@ -451,6 +510,48 @@ def _make_swiglu_fn():
 def swiglu(gu, fused=True):
     return _fn('swiglu', _make_swiglu_fn).apply(gu) if fused else swiglu_ref(gu)
 
+def rope_ref(x, cos, sin):
+    "HF's rotary embedding on x (B, S, heads, hd), returned as (B, heads, S, hd): x*cos + rotate_half(x)*sin."
+    q = x.transpose(1, 2)
+    return q * cos + _rotate_half(q) * sin
+
+def _rope_launch(x, cos, sin, y, ysb, yss, ysh, backward, B, S, n, hd):
+    K = _kernels()
+    c = cos if cos.dim() == 2 else cos[:, 0]            # (S, hd) shared, or (B, S, hd) per sample (packed positions)
+    scb, scs = (0, c.stride(0)) if c.dim() == 2 else (c.stride(0), c.stride(1))
+    K.rope_kernel[(B * S,)](x, c, sin if sin.dim() == 2 else sin[:, 0], y, S, n, x.stride(0), x.stride(1), x.stride(2), scb, scs,
+                            ysb, yss, ysh, H2=hd // 2, BLOCK_H=K.triton.next_power_of_2(n), BACKWARD=backward, num_warps=4)
+
+def _make_rope_fn():
+    import torch
+    class RoPEFunction(torch.autograd.Function):
+        """RoPE of x (B, S, heads, hd), a strided view of the q,k,v projection, written as (B, heads, S, hd) for attention
+        in one pass; the backward applies the inverse rotation and writes (B, S, heads, hd). Saves only cos and sin."""
+        @staticmethod
+        def forward(ctx, x, cos, sin):
+            B, S, n, hd = x.shape
+            cos, sin = cos.contiguous(), sin.contiguous()
+            y = torch.empty(B, n, S, hd, dtype=x.dtype, device=x.device)
+            _rope_launch(x, cos, sin, y, n * S * hd, hd, S * hd, False, B, S, n, hd)
+            ctx.save_for_backward(cos, sin)
+            return y
+        @staticmethod
+        def backward(ctx, dy):
+            cos, sin = ctx.saved_tensors
+            B, n, S, hd = dy.shape
+            if dy.stride(3) != 1: dy = dy.contiguous()
+            dx = torch.empty(B, S, n, hd, dtype=dy.dtype, device=dy.device)
+            _rope_launch(dy.transpose(1, 2), cos, sin, dx, S * n * hd, n * hd, hd, True, B, S, n, hd)
+            return dx, None, None
+    return RoPEFunction
+
+def rope(x, cos, sin, fused=True):
+    "x (B, S, heads, hd) -> rotated (B, heads, S, hd); the Triton kernel on CUDA (or Triton's interpreter), else `rope_ref`."
+    hd = x.shape[-1]
+    ok = fused and has_triton() and (x.is_cuda or os.environ.get('TRITON_INTERPRET') == '1') and hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0
+    if not ok or x.stride(-1) != 1: return rope_ref(x, cos, sin)
+    return _fn('rope', _make_rope_fn).apply(x, cos, sin)
+
 # %% ../nbs/12_performance.ipynb #362ac3b7
 def _make_ce_fn():
     import torch
@@ -459,7 +560,7 @@ def _make_ce_fn():
         The gradient w.r.t. h is computed during the forward, chunk by chunk, so no (tokens x vocab) tensor
         ever exists beyond one chunk; saved for backward: dh (tokens x hidden)."""
         @staticmethod
-        def forward(ctx, h, W, labels, chunk_elems):
+        def forward(ctx, h, W, labels, chunk_elems, fused=False):
             h2 = h.reshape(-1, h.shape[-1]); lab = labels.reshape(-1)
             T, V = h2.shape[0], W.shape[0]
             valid = lab != -100
@@ -467,8 +568,15 @@ def _make_ce_fn():
             c = max(1, min(T, chunk_elems // V))
             dh = torch.empty_like(h2) if ctx.needs_input_grad[0] else None
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            K = _kernels() if fused and has_triton() and (h.is_cuda or os.environ.get('TRITON_INTERPRET') == '1') else None
             for s in range(0, T, c):
                 e = min(T, s + c)
+                if K is not None:   # one kernel: loss per row, and the logits' gradient written over the logits
+                    z = h2[s:e] @ W.t(); rl = torch.empty(e - s, dtype=torch.float32, device=h.device)
+                    K.ce_rows_kernel[(e - s,)](z, lab[s:e], rl, z.stride(0), V=V, BLOCK=4096, WRITE_GRAD=dh is not None, num_warps=8)
+                    loss += rl.sum()
+                    if dh is not None: torch.mm(z, W, out=dh[s:e])
+                    del z; continue
                 z = (h2[s:e] @ W.t()).float()
                 lse = torch.logsumexp(z, -1)
                 v = valid[s:e]; t = lab[s:e].clamp(min=0)
@@ -484,7 +592,7 @@ def _make_ce_fn():
         @staticmethod
         def backward(ctx, g):
             dh, n = ctx.saved_tensors
-            return (dh * (g / n).to(dh.dtype)).reshape(ctx.shape), None, None, None
+            return (dh * (g / n).to(dh.dtype)).reshape(ctx.shape), None, None, None, None
     return LinearCrossEntropy
 
 def shift_labels(labels):
@@ -492,11 +600,12 @@ def shift_labels(labels):
     import torch, torch.nn.functional as F
     return F.pad(labels[..., 1:], (0, 1), value=-100)
 
-def linear_cross_entropy(h, W, labels, chunk_elems=2**26, chunked=True):
-    "Causal-LM loss from final hidden states `h` and output weight `W` (labels unshifted, as HF takes them)."
+def linear_cross_entropy(h, W, labels, chunk_elems=2**26, chunked=True, fused=True):
+    """Causal-LM loss from final hidden states `h` and output weight `W` (labels unshifted, as HF takes them).
+    `fused`: each chunk's softmax/loss/gradient as one Triton kernel (CUDA or Triton's interpreter), else torch ops."""
     import torch, torch.nn.functional as F
     tgt = shift_labels(labels)
-    if chunked: return _fn('ce', _make_ce_fn).apply(h, W, tgt, int(chunk_elems))
+    if chunked: return _fn('ce', _make_ce_fn).apply(h, W, tgt, int(chunk_elems), bool(fused))
     logits = (h @ W.t()).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
 
@@ -622,6 +731,13 @@ def lora_parameters(model):
     "The trainable LoRA tensors of a patched model."
     return [p for n, p in model.named_parameters() if p.requires_grad]
 
+def lora_groups(model):
+    "The trainable tensors of a patched model, one list per decoder layer (then any others): groups for `InBackwardAdamW`."
+    gs = [[p for p in layer.parameters() if p.requires_grad] for layer in model.model.layers]
+    seen = {id(p) for g in gs for p in g}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    return [g for g in gs + [rest] if g]
+
 def lora_state_dict(model):
     "LoRA weights under peft's key names (`base_model.model.<path>.lora_A.weight`), ready for `adapter_model.safetensors`."
     return {f'base_model.model.{n}': p.detach().cpu() for n, p in model.named_parameters() if 'lora_' in n}
@@ -724,9 +840,8 @@ def _layer_forward(layer, h, cos, sin, mask, cfg, c):
         q, k, v = group_forward(x, [at.q_proj, at.k_proj, at.v_proj], cfg.dequant).split([nh * hd, nkv * hd, nkv * hd], -1)
     else:
         q, k, v = (group_forward(x, [m], cfg.dequant) for m in (at.q_proj, at.k_proj, at.v_proj))
-    q = q.view(B, S, nh, hd).transpose(1, 2); k = k.view(B, S, nkv, hd).transpose(1, 2); v = v.view(B, S, nkv, hd).transpose(1, 2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = rope(q.view(B, S, nh, hd), cos, sin, cfg.fused_rope); k = rope(k.view(B, S, nkv, hd), cos, sin, cfg.fused_rope)
+    v = v.view(B, S, nkv, hd).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=nkv != nh)
     o = o.transpose(1, 2).reshape(B, S, nh * hd)
     h = h + group_forward(o, [at.o_proj], cfg.dequant)
@@ -774,27 +889,35 @@ def fast_forward(self, input_ids=None, attention_mask=None, labels=None, positio
     if ck == 'offload' and h.is_cuda: _POOL.join()
     h = rms_norm(h, inner.norm.weight, c.rms_norm_eps, cfg.fused_norm)
     if attention_mask is not None and attention_mask.dim() == 2: labels = labels.masked_fill(attention_mask == 0, -100)
-    loss = linear_cross_entropy(h, self.lm_head.weight, labels, cfg.ce_chunk_elems, cfg.chunked_ce)
+    loss = linear_cross_entropy(h, self.lm_head.weight, labels, cfg.ce_chunk_elems, cfg.chunked_ce, cfg.fused_ce)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
 # %% ../nbs/12_performance.ipynb #c729ad64
 class InBackwardAdamW:
-    """torch AdamW, one per LoRA tensor, stepped as soon as that tensor's gradient is complete during backward;
-    the gradient is then freed, so all gradients never exist at once. Same maths as one AdamW over all of them
-    (no global gradient clipping, no gradient accumulation). `step()` and `zero_grad()` are no-ops."""
+    """torch AdamW stepped during the backward, as soon as the gradients of a group of tensors are complete; those
+    gradients are then freed, so all gradients never exist at once. `params`: tensors (one group each) or lists of
+    tensors (e.g. `lora_groups(model)`: one group per decoder layer, so one fused multi-tensor launch per layer
+    instead of one small launch per tensor). Every tensor of a group must get a gradient in every backward.
+    Same maths as one AdamW over all of them (no global gradient clipping, no gradient accumulation).
+    `step()` and `zero_grad()` are no-ops."""
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, capturable=False):
         import torch
+        params = list(params)
+        groups = [list(g) for g in params] if params and isinstance(params[0], (list, tuple)) else [[p] for p in params]
         self.opts = []
-        for p in params:
-            o = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=p.is_cuda or None,
-                                  capturable=capturable and p.is_cuda)
+        for g in groups:
+            o = torch.optim.AdamW(g, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=g[0].is_cuda or None,
+                                  capturable=capturable and g[0].is_cuda)
             self.opts.append(o)
-            p.register_post_accumulate_grad_hook(self._hook(o))
+            left = [len(g)]
+            for p in g: p.register_post_accumulate_grad_hook(self._hook(o, left, len(g)))
     @staticmethod
-    def _hook(o):
+    def _hook(o, left, n):
         def hook(p):
-            o.step(); o.zero_grad(set_to_none=True)
+            left[0] -= 1
+            if left[0] == 0:
+                o.step(); o.zero_grad(set_to_none=True); left[0] = n
         return hook
     @property
     def param_groups(self): return [g for o in self.opts for g in o.param_groups]
@@ -915,7 +1038,7 @@ def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, 
     load = torch.cuda.max_memory_allocated() - base
     params = lora_parameters(model)
     g = cfg.cuda_graph
-    opt = InBackwardAdamW(params, lr=2e-4, capturable=g) if cfg.opt_in_backward else torch.optim.AdamW(params, lr=2e-4, fused=True, capturable=g)
+    opt = InBackwardAdamW(lora_groups(model), lr=2e-4, capturable=g) if cfg.opt_in_backward else torch.optim.AdamW(params, lr=2e-4, fused=True, capturable=g)
     x = torch.randint(0, model.config.vocab_size, (bs, seq), device='cuda')
     def step():
         loss = model(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
@@ -961,11 +1084,11 @@ def bench_dequant(shapes=((4096, 4096), (11008, 4096)), reps=200):
 
 def ablation_configs():
     "One mean switched on at a time, from everything off (plain QLoRA done by hand) to the full fast path."
-    off = FastConfig(dequant='bnb', fuse_proj=False, fused_norm=False, fused_swiglu=False, chunked_ce=False,
+    off = FastConfig(dequant='bnb', fuse_proj=False, fused_norm=False, fused_swiglu=False, fused_rope=False, chunked_ce=False, fused_ce=False,
                      checkpoint='layer', opt_in_backward=False)
     steps = [('plain (bnb dequant, full logits, layer checkpointing)', {}), ('+ Triton NF4 dequant', dict(dequant='triton')),
              ('+ fused q,k,v and gate,up', dict(fuse_proj=True)), ('+ fused RMSNorm', dict(fused_norm=True)),
-             ('+ fused SwiGLU', dict(fused_swiglu=True)), ('+ chunked cross-entropy', dict(chunked_ce=True)),
+             ('+ fused SwiGLU', dict(fused_swiglu=True)), ('+ fused RoPE', dict(fused_rope=True)), ('+ chunked cross-entropy', dict(chunked_ce=True)), ('+ fused cross-entropy kernel', dict(fused_ce=True)),
              ('+ AdamW in backward', dict(opt_in_backward=True)), ('+ offload checkpoints to CPU', dict(checkpoint='offload', prefetch=False)),
              ('+ prefetch checkpoints', dict(prefetch=True)), ('+ CUDA graph of the whole step', dict(cuda_graph=True))]
     out, kw = [], {}

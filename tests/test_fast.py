@@ -109,6 +109,7 @@ def test_triton_kernels_in_interpreter():
     env = {**os.environ, 'TRITON_INTERPRET': '1', 'CUDA_VISIBLE_DEVICES': ''}
     p = subprocess.run([sys.executable, '-c', INTERP], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and 'ok' in p.stdout, p.stderr[-3000:]
+    assert F.check_kernels_interpreted() == 'kernels ok'   # RoPE and the cross-entropy kernel too, forward and backward
 
 @cuda
 def test_cuda_dequant_bit_exact_with_bitsandbytes():
@@ -245,3 +246,27 @@ def test_cuda_offload_prefetch_and_graph_match_eager():
     for k, v in losses.items():
         for a, b in zip(v[1:], losses['layer'][1:]): assert abs(a - b) < 2e-2 * b, (k, v, losses['layer'])
     assert losses['layer'][-1] < losses['layer'][0]
+
+@cuda
+def test_cuda_rope_matches_hf_formula():
+    "The RoPE kernel on a strided q view, shared and per-sample (packed) positions, forward and backward."
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 300, (32 + 8 + 8) * 128, device='cuda', dtype=torch.bfloat16)
+    q = qkv[..., :32 * 128].view(2, 300, 32, 128).detach().requires_grad_()
+    cos, sin = torch.randn(300, 128, device='cuda', dtype=torch.bfloat16), torch.randn(300, 128, device='cuda', dtype=torch.bfloat16)
+    pos = torch.randint(0, 300, (2, 300), device='cuda')
+    for c, s in ((cos, sin), (cos[pos][:, None], sin[pos][:, None])):
+        a = F.rope(q, c, s); b = F.rope_ref(q.double(), c.double(), s.double())
+        assert a.shape == (2, 32, 300, 128) and rel(a, b) < 1e-2
+        g = torch.randn_like(a)
+        assert rel(torch.autograd.grad(a, q, g)[0], torch.autograd.grad(b, q, g.double())[0]) < 1e-2
+
+@cuda
+def test_cuda_fused_cross_entropy_matches_torch_chunks():
+    torch.manual_seed(0)
+    h = (torch.randn(2, 700, 1024, device='cuda') ).to(torch.bfloat16).requires_grad_()
+    W = (torch.randn(32000, 1024, device='cuda') * 0.05).to(torch.bfloat16)
+    lab = torch.randint(0, 32000, (2, 700), device='cuda'); lab[0, :50] = -100
+    a = F.linear_cross_entropy(h, W, lab, chunk_elems=2**24, fused=True); ga = torch.autograd.grad(a, h)[0]
+    b = F.linear_cross_entropy(h, W, lab, chunk_elems=2**24, fused=False); gb = torch.autograd.grad(b, h)[0]
+    assert abs(a.item() - b.item()) < 1e-4 * b.item() and rel(ga, gb) < 1e-2
