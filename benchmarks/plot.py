@@ -54,6 +54,8 @@ def main(argv=None):
     fig.tight_layout(rect=(0, 0.03, 1, 1)); fig.savefig(dst, dpi=110)
     print('wrote', dst)
     ab = [r for r in load(src) if r.get('kind') == 'ablation' and 'tok_s' in r]
+    last = max((r.get('run', 0) for r in ab), default=0)
+    ab = [r for r in ab if r.get('run', 0) == last]          # the newest ablation only
     if ab:
         uns = [r for r in rows if impl_name(r) == 'Unsloth' and r['model'] == ab[0]['model'] and r['seq'] == ab[0]['seq'] and r['bs'] == ab[0]['bs']]
         fig, axs = plt.subplots(1, 2, figsize=(12, 3.6))
