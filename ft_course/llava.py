@@ -12,11 +12,11 @@ from .core import atomic_dir, count_params, human_count
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'IMAGE_TOKEN_INDEX', 'IGNORE_INDEX', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CLIP_MEAN', 'CLIP_STD',
-           'EFFNET_LITE0_STAGES', 'LORA_TARGETS', 'LLAVA_CONFIG', 'PROJECTOR_FILE', 'LLAVA_DEFAULTS', 'MBConv',
-           'EfficientNetLite0', 'effnet_lite0', 'ImageProcessor', 'VisionTower', 'Projector', 'tokenize_conversation',
-           'splice_image_embeds', 'LlavaModel', 'build_llava', 'add_llm_lora', 'save_llava', 'save_extra_state',
-           'load_llava', 'llava_generate', 'chat_session', 'llava_settings', 'load_trainable', 'build_model',
-           'build_dataset', 'llava_pth_to_hf', 'is_llava_config']
+           'EFFNET_LITE0_STAGES', 'EFFNET_EARLY_BLOCK', 'LORA_TARGETS', 'LLAVA_CONFIG', 'PROJECTOR_FILE',
+           'LLAVA_DEFAULTS', 'MBConv', 'EfficientNetLite0', 'effnet_lite0', 'ImageProcessor', 'VisionTower',
+           'Projector', 'tokenize_conversation', 'splice_image_embeds', 'LlavaModel', 'build_llava', 'add_llm_lora',
+           'save_llava', 'save_extra_state', 'load_llava', 'llava_generate', 'chat_session', 'llava_settings',
+           'load_trainable', 'build_model', 'build_dataset', 'llava_pth_to_hf', 'is_llava_config']
 
 # %% ../nbs/09_llava_model.ipynb #26ca9b2d
 IMAGE_TOKEN = '<image>'        # what the user writes in a prompt
@@ -110,21 +110,39 @@ class ImageProcessor:
         return torch.stack(out)
 
 # %% ../nbs/09_llava_model.ipynb #4908ae69
+EFFNET_EARLY_BLOCK = 4   # last block of stage 3: 40 channels at stride 8
+
 class VisionTower(nn.Module):
-    "A frozen image encoder that returns a sequence of visual tokens (B, N, hidden_size)."
+    "A frozen image encoder that returns a sequence of visual tokens (B, N, hidden_size); 'effnet-lite0-ms' adds an early map's channels."
     def __init__(self, name: str = 'effnet-lite0', image_size: int | None = None, select_layer: int = -2):
         super().__init__()
         self.name, self.select_layer = name, select_layer
-        if name in ('effnet-lite0', 'efficientnet-lite0', 'efficientnet_lite0'):
+        base, ms = (name[:-3], True) if name.endswith('-ms') else (name, False)
+        self.early_only = base.endswith('-early')
+        if self.early_only: base, ms = base[:-6], True
+        if base in ('effnet-lite0', 'efficientnet-lite0', 'efficientnet_lite0'):
             # channels_last: depthwise convolutions run ~2x faster on CPU in that memory layout
             self.kind, self.net, self.hidden_size = 'effnet', effnet_lite0().to(memory_format=torch.channels_last), 1280
+            # '-ms' (multi-scale): also block 4's stride-8 map (40 channels), average-pooled onto the same grid:
+            # the ImageNet head is nearly colour-blind, the early map is not (see 10_llava_pretrain's linear probe)
+            self.early_block = EFFNET_EARLY_BLOCK if ms else None
+            if ms: self.hidden_size = EFFNET_LITE0_STAGES[2][4] + (0 if self.early_only else 1280)
             self.image_processor = ImageProcessor(image_size or 224)
+            if ms: self._calibrate()
+        elif ms: raise ValueError(f"vision tower {name!r}: the '-ms' (multi-scale) variant exists only for effnet-lite0")
         else:   # a CLIP ViT by hub name, e.g. openai/clip-vit-large-patch14-336 (needs the hub; not available offline)
             from transformers import CLIPVisionModel
             self.kind, self.net = 'clip', CLIPVisionModel.from_pretrained(name)
             self.hidden_size = self.net.config.hidden_size
             self.image_processor = ImageProcessor(image_size or self.net.config.image_size, CLIP_MEAN, CLIP_STD)
         self.requires_grad_(False); self.eval()
+    @torch.no_grad()
+    def _calibrate(self, n: int = 64, seed: int = 2024):
+        "Per-channel mean and std of the features on `n` fixed synthetic scenes: the '-ms' towers return standardised channels."
+        from ft_course.llava_data import make_shapes_dataset
+        self.register_buffer('feat_mean', None, persistent=False); self.register_buffer('feat_std', None, persistent=False)
+        f = self(self.image_processor([d['image'] for d in make_shapes_dataset(n, seed=seed, size=self.image_processor.size)]))
+        self.feat_mean, self.feat_std = f.mean((0, 1)), f.std((0, 1)).clamp_min(0.05)
     def num_tokens(self, size: int | None = None) -> int:
         "Visual tokens per image of side `size` (default: the processor's)."
         size = size or self.image_processor.size
@@ -135,8 +153,20 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values):
         x = pixel_values.to(next(self.net.parameters()).dtype)
         if self.kind == 'effnet':
-            f = self.net.forward_features(x.contiguous(memory_format=torch.channels_last))
-            return f.flatten(2).transpose(1, 2).contiguous()                     # (B, 1280, h, w) -> (B, h*w, 1280)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if self.early_block is None: f = self.net.forward_features(x)
+            else:
+                net = self.net
+                h = F.relu6(net._bn0(net._conv_stem(x)))
+                for j, b in enumerate(net._blocks):
+                    h = b(h)
+                    if j == self.early_block: early = h
+                f = F.relu6(net._bn1(net._conv_head(h)))
+                e = F.adaptive_avg_pool2d(early, f.shape[-2:])
+                f = e if self.early_only else torch.cat([f, e], 1)                # (B, 1280 + 40, h, w)
+            f = f.flatten(2).transpose(1, 2).contiguous()                        # (B, C, h, w) -> (B, h*w, C)
+            if getattr(self, 'feat_mean', None) is not None: f = (f - self.feat_mean) / self.feat_std
+            return f
         hs = self.net(pixel_values=x, output_hidden_states=True).hidden_states[self.select_layer]
         return hs[:, 1:]                                                         # LLaVA: penultimate layer, no CLS
 
@@ -390,7 +420,7 @@ def chat_session(folder, image=None, model=None, system: str | None = None, devi
     return sess
 
 # %% ../nbs/09_llava_model.ipynb #6e54fe33
-LLAVA_DEFAULTS = dict(stage='pretrain', vision_tower='effnet-lite0', image_size=224, n_images=2000, seed=0,
+LLAVA_DEFAULTS = dict(stage='pretrain', vision_tower='effnet-lite0-ms', image_size=224, n_images=2000, seed=0,
                       repeats=200, photos=['coffee'], max_turns=4, pretrained_pth=None, text_only=True)
 
 def llava_settings(cfg) -> dict:

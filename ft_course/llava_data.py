@@ -111,10 +111,11 @@ def qa_messages(s: dict, rng: random.Random, max_turns: int = 4) -> list[dict]:
 
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'BACKGROUNDS', 'SIZES', 'QUESTION_TYPES', 'CHANCE', 'CAPTION_PROMPTS', 'REAL_PHOTOS', 'TEXT_ONLY',
-           'PRETRAIN_CFG', 'FINETUNE_CFG', 'HELDOUT_SEED', 'Shape', 'Scene', 'random_scene', 'render_scene', 'caption',
-           'questions', 'make_shapes_dataset', 'caption_messages', 'qa_messages', 'real_photo',
-           'repeated_conversations', 'text_only_conversations', 'image_features', 'LlavaDataset', 'is_correct',
-           'answer_questions', 'vqa_accuracy', 'caption_score', 'describe', 'llava_run_dir', 'train_llava']
+           'PRETRAIN_CFG', 'FINETUNE_CFG', 'HELDOUT_SEED', 'VISION_TOWER', 'RECIPES', 'Shape', 'Scene', 'random_scene',
+           'render_scene', 'caption', 'questions', 'make_shapes_dataset', 'caption_messages', 'qa_messages',
+           'real_photo', 'repeated_conversations', 'text_only_conversations', 'image_features', 'LlavaDataset',
+           'is_correct', 'answer_questions', 'vqa_accuracy', 'object_tokens', 'linear_probe', 'caption_score',
+           'describe', 'llava_run_dir', 'train_llava', 'recipe', 'run_recipe']
 
 # %% ../nbs/10_llava_pretrain.ipynb #b2939bee
 def _skimage(name):
@@ -168,7 +169,7 @@ def text_only_conversations() -> list[list[dict]]:
 
 # %% ../nbs/10_llava_pretrain.ipynb #d0265c74
 def image_features(images, tower=None, batch_size: int = 32, cache_key: str | None = None, progress: bool = True,
-                   vision_tower: str = 'effnet-lite0', image_size: int | None = None):
+                   vision_tower: str = 'effnet-lite0-ms', image_size: int | None = None):
     "Frozen encoder output for a list of images, (n, N, D) in fp16, cached on disk under `cache_key` when given."
     import torch
     from tqdm.auto import tqdm
@@ -262,6 +263,33 @@ def vqa_accuracy(model, tokenizer, samples: list[dict], features, **kw) -> dict:
     return {'accuracy': {t: acc[t] / n[t] for t in QUESTION_TYPES if n[t]}, 'n': n,
             'rows': [dict(image=i, type=t, question=q, truth=a, answer=ans) for (i, t, q, a), ans in zip(rows, answers)]}
 
+# %% ../nbs/10_llava_pretrain.ipynb #6ad31b19
+def object_tokens(samples: list[dict], features):
+    "For each object of each scene: the visual token whose grid cell holds its centre, and its colour and shape indices."
+    import torch
+    n = round(features.shape[1] ** 0.5)
+    if n * n != features.shape[1]: raise ValueError(f"features have {features.shape[1]} tokens: expected a square grid")
+    X, col, shp = [], [], []
+    for i, s in enumerate(samples):
+        for o in s['scene'].objects:
+            r, c = min(int(o.y * n), n - 1), min(int(o.x * n), n - 1)
+            X.append(features[i, r * n + c].float()); col.append(list(COLOURS).index(o.colour)); shp.append(SHAPES.index(o.shape))
+    return torch.stack(X), torch.tensor(col), torch.tensor(shp)
+
+def linear_probe(X_train, y_train, X_test, y_test, steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-2, seed: int = 0) -> float:
+    "Test accuracy of a softmax regression fitted (full batch, Adam) on standardised features."
+    import torch, torch.nn.functional as F
+    mu, sd = X_train.mean(0), X_train.std(0) + 1e-3
+    Xtr, Xte = (X_train - mu) / sd, (X_test - mu) / sd
+    g = torch.Generator().manual_seed(seed)
+    k = int(max(y_train.max(), y_test.max())) + 1
+    W = (torch.randn(Xtr.shape[1], k, generator=g) * 0.01).requires_grad_(); b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad(); F.cross_entropy(Xtr @ W + b, y_train).backward(); opt.step()
+    with torch.no_grad(): return ((Xte @ W + b).argmax(1) == y_test).float().mean().item()
+
+
 # %% ../nbs/10_llava_pretrain.ipynb #d6ea200e
 def caption_score(scene: Scene, text: str) -> float:
     "Fraction of the scene's objects whose '<colour> <shape>' appears in `text`."
@@ -276,6 +304,7 @@ def describe(model, tokenizer, features, prompt: str = 'Describe the image brief
 PRETRAIN_CFG = 'llava_smollm2_135m_qlora_effnetlite0_pretrain'
 FINETUNE_CFG = 'llava_smollm2_135m_qlora_effnetlite0_finetune'
 HELDOUT_SEED = 12345
+VISION_TOWER = 'effnet-lite0-ms'   # last feature map + an early one: the last alone is nearly colour-blind (probe above)
 
 def llava_run_dir(stage: str):
     "Where the notebooks keep a stage's run (small and full runs apart), so notebook 11 finds notebook 10's."
@@ -284,15 +313,74 @@ def llava_run_dir(stage: str):
 
 def train_llava(stage: str, work_dir, n_images: int, image_size: int = 224, batch_size: int = 16, max_steps: int | None = None,
                 max_epochs: float = 1, lr: float | None = None, pretrained_pth=None, photos=('coffee',), repeats: int = 200,
-                seed: int = 0, lora_r: int | None = None, lora_alpha: float | None = None, progress: bool = True, options=()):
-    "Run one LLaVA stage through `ft_course.train.train` with the built-in config and these settings; returns the TrainResult."
+                seed: int = 0, lora_r: int | None = None, lora_alpha: float | None = None, progress: bool = True, options=(),
+                vision_tower: str = VISION_TOWER, **generator):
+    """Run one LLaVA stage through `ft_course.train.train` with the built-in config and these settings; returns the TrainResult.
+    `generator`: more LLaVA data settings (`max_turns`, `text_only`; see `ft_course.llava.LLAVA_DEFAULTS`)."""
     from ft_course.train import train
     if stage not in ('pretrain', 'finetune'): raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'finetune'")
     g = dict(kind='llava', stage=stage, image_size=image_size, n_images=n_images, seed=seed, photos=list(photos), repeats=repeats,
-             pretrained_pth=str(pretrained_pth) if pretrained_pth else None)
+             pretrained_pth=str(pretrained_pth) if pretrained_pth else None, vision_tower=vision_tower, **generator)
     opts = [f"data_generator={g!r}", f"batch_size={batch_size}", f"max_epochs={max_epochs}", f"save_steps=100000"]
     if max_steps: opts.append(f"max_steps={max_steps}")
     if lr: opts.append(f"lr={lr}")
     if lora_r: opts.append(f"lora_r={lora_r}")
     if lora_alpha: opts.append(f"lora_alpha={lora_alpha}")
     return train(PRETRAIN_CFG if stage == 'pretrain' else FINETUNE_CFG, work_dir, cfg_options=opts + list(options), progress=progress)
+
+# %% ../nbs/10_llava_pretrain.ipynb #75a38d64
+RECIPES = {
+    'test': dict(pretrain=dict(image_size=96, n_images=320, batch_size=16, max_steps=16, lr=2e-3),
+                 finetune=dict(image_size=96, n_images=640, batch_size=8, max_steps=16, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
+    'cpu': dict(pretrain=dict(image_size=96, n_images=480, batch_size=16, max_steps=30, lr=2e-3),
+                finetune=dict(image_size=96, n_images=2240, batch_size=8, max_steps=140, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
+    'cpu-early': dict(pretrain=dict(image_size=96, n_images=480, batch_size=16, max_steps=30, lr=2e-3, vision_tower='effnet-lite0-early'),
+                finetune=dict(image_size=96, n_images=2240, batch_size=8, max_steps=140, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32, vision_tower='effnet-lite0-early')),
+    'full': dict(pretrain=dict(image_size=224, n_images=2000, batch_size=16, lr=1e-3, photos=list(REAL_PHOTOS)),
+                 finetune=dict(image_size=224, n_images=3000, batch_size=16, lr=2e-4, repeats=200, seed=1, lora_r=16, lora_alpha=32)),
+}
+
+def recipe(stage: str, name: str | None = None) -> dict:
+    "`train_llava` keyword arguments for one stage of a recipe (default: 'test' when running small, else 'full')."
+    from ft_course.core import is_small
+    name = name or ('test' if is_small() else 'full')
+    if name not in RECIPES: raise KeyError(f"unknown LLaVA recipe {name!r}; known: {', '.join(RECIPES)}")
+    if stage not in ('pretrain', 'finetune'): raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'finetune'")
+    return dict(RECIPES[name][stage])
+
+def run_recipe(name: str, work_dir, n_test: int = 200, progress: bool = True, rerun: bool = False) -> dict:
+    """Stage 1 then stage 2 of recipe `name` through the trainer, each scored on `n_test` held-out images (seed HELDOUT_SEED).
+    Writes and returns work_dir/results.json (accuracies by type, chance, steps, seconds, machine); an existing result of the
+    same recipe is returned as it is unless `rerun`."""
+    import os, platform, time, torch
+    from ft_course.core import atomic_write
+    work_dir = Path(work_dir); out = work_dir / 'results.json'
+    s1, s2 = recipe('pretrain', name), recipe('finetune', name)
+    tower = s1.get('vision_tower', VISION_TOWER)
+    settings = dict(recipe=name, vision_tower=tower, pretrain=s1, finetune=s2, n_test=n_test)
+    if out.exists() and not rerun:
+        old = json.loads(out.read_text())
+        if old.get('settings') == json.loads(json.dumps(settings)): return old
+    size = s1['image_size']
+    held = make_shapes_dataset(n_test, seed=HELDOUT_SEED, size=size)
+    f = image_features([d['image'] for d in held], vision_tower=tower, cache_key=f'{tower}-{size}-heldout{n_test}', progress=progress)
+    res = dict(settings=settings, chance=CHANCE, machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+               torch_threads=torch.get_num_threads(), device='cuda' if torch.cuda.is_available() else 'cpu'))
+    t0 = time.time()
+    r1 = train_llava('pretrain', work_dir / 'pretrain', progress=progress, **s1)
+    t1 = time.time() - t0
+    e1 = vqa_accuracy(r1.model, r1.tokenizer, held, f, progress=progress)
+    caps = describe(r1.model, r1.tokenizer, f[:32], progress=progress)
+    ck1 = r1.last_checkpoint; steps1 = r1.steps; del r1
+    t0 = time.time()
+    r2 = train_llava('finetune', work_dir / 'finetune', pretrained_pth=ck1, progress=progress, **s2)
+    t2 = time.time() - t0
+    e2 = vqa_accuracy(r2.model, r2.tokenizer, held, f, progress=progress)
+    res.update(pretrain=dict(steps=steps1, seconds=round(t1), accuracy=e1['accuracy'], caption_score=sum(caption_score(d['scene'], c) for d, c in zip(held, caps)) / len(caps),
+                             captions=caps[:4]),
+               finetune=dict(steps=r2.steps, seconds=round(t2), accuracy=e2['accuracy'], loss_first=r2.losses[0], loss_last=sum(r2.losses[-5:]) / 5,
+                             checkpoint=str(r2.last_checkpoint)),
+               n=e2['n'], rows=e2['rows'][:40], date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    with atomic_write(out, 'w') as fh: json.dump(res, fh, indent=1)
+    return res
+

@@ -31,6 +31,30 @@ def test_vision_tower_tokens():
     assert x.shape == (1, 3, 96, 96)
     assert t(x).shape == (1, 9, 1280) and t.num_tokens() == 9 and t.num_tokens(224) == 49
     t.train(); assert not t.training and not t.net._bn0.training      # frozen BatchNorm stays in eval mode
+    ms = VisionTower('effnet-lite0-ms', image_size=96)
+    f, fm = t(x), ms(x)
+    assert fm.shape == (1, 9, 1320) and ms.hidden_size == 1320
+    torch.testing.assert_close((fm * ms.feat_std + ms.feat_mean)[..., :1280], f, atol=1e-3, rtol=1e-3)   # the last map's channels, standardised
+    g = ms(ms.image_processor([d['image'] for d in make_shapes_dataset(64, seed=2024, size=96)])).flatten(0, 1)
+    assert g.mean(0).abs().max() < 1e-3 and (g.std(0) - 1).abs()[ms.feat_std > 0.05].max() < 1e-3   # calibration scenes: mean 0, std 1
+    with pytest.raises(ValueError, match='only for effnet-lite0'): VisionTower('some/clip-ms')
+
+
+def test_early_map_sees_colour():
+    "The linear probe of notebook 10, smaller: the last feature map is nearly colour-blind, the early channels are not."
+    from ft_course.llava_data import image_features, object_tokens, linear_probe, CHANCE
+    tr, te = make_shapes_dataset(160, seed=777, size=96), make_shapes_dataset(60, seed=12345, size=96)
+    ftr = image_features([d['image'] for d in tr], vision_tower='effnet-lite0-ms', progress=False)
+    fte = image_features([d['image'] for d in te], vision_tower='effnet-lite0-ms', progress=False)
+    acc = {}
+    for name, sl in [('last', slice(0, 1280)), ('early', slice(1280, None))]:
+        (Xa, ca, sa), (Xb, cb, sb) = object_tokens(tr, ftr[..., sl]), object_tokens(te, fte[..., sl])
+        acc[name] = linear_probe(Xa, ca, Xb, cb), linear_probe(Xa, sa, Xb, sb)
+    assert acc['last'][0] < 0.7 and acc['early'][0] > 0.9, acc
+    assert acc['early'][1] > 0.8, acc
+    Xs, cs, ss = object_tokens(tr[:2], ftr[:2])
+    assert len(cs) == sum(len(d['scene'].objects) for d in tr[:2]) and Xs.shape[1] == 1320
+    with pytest.raises(ValueError, match='square grid'): object_tokens(tr[:1], ftr[:1, :8])
 
 
 def test_splice_bookkeeping():
@@ -130,7 +154,8 @@ def test_dataset_hook_and_settings(tok, tmp_path, monkeypatch):
     assert len(ds) == 6 + 6 * 2 + len(text_only_conversations())
     items = [ds[0], ds[len(ds) - 1]]                       # one with an image, one text-only
     b = collate(items)
-    assert b['image_features'].shape == (1, 4, 1280) and (b['input_ids'] == IMAGE_TOKEN_INDEX).sum() == 1
+    # default tower effnet-lite0-ms: 1280 + 40 channels
+    assert b['image_features'].shape == (1, 4, 1320) and (b['input_ids'] == IMAGE_TOKEN_INDEX).sum() == 1
     with pytest.raises(KeyError, match='unknown LLaVA keys'):
         llava_settings(types.SimpleNamespace(data_generator=dict(stage='pretrain', typo=1), name='x'))
 
@@ -139,3 +164,22 @@ def test_caption_score():
     from ft_course.llava_data import Scene, Shape
     sc = Scene([Shape('circle', 'red', .2, .5, 'small')], 'white')
     assert caption_score(sc, 'A small red circle on the left') == 1.0 and caption_score(sc, 'a blue circle') == 0.0
+
+
+def test_configs_and_train_llava_options(monkeypatch):
+    "Both built-in configs use the multi-scale tower; train_llava hands its settings to the trainer as cfg options."
+    import ft_course.train as T
+    from ft_course.llava_data import train_llava, PRETRAIN_CFG, FINETUNE_CFG, VISION_TOWER
+    for name, stage in ((PRETRAIN_CFG, 'pretrain'), (FINETUNE_CFG, 'finetune')):
+        s = llava_settings(T.load_config(name))
+        assert s['vision_tower'] == VISION_TOWER == 'effnet-lite0-ms' and s['stage'] == stage
+    seen = {}
+    def fake_train(cfg, work_dir, cfg_options=None, progress=True):
+        seen['cfg'] = T.load_config(cfg, cfg_options); llava_settings(seen['cfg'])     # what build_model/build_dataset check
+    monkeypatch.setattr(T, 'train', fake_train)
+    train_llava('finetune', 'unused', n_images=10, image_size=96, batch_size=4, max_steps=3, lr=1e-3, max_turns=1, text_only=False)
+    c = seen['cfg']; s = llava_settings(c)
+    assert (c.batch_size, c.max_steps, c.lr, s['n_images'], s['image_size'], s['max_turns'], s['text_only'], s['vision_tower']) == \
+           (4, 3, 1e-3, 10, 96, 1, False, 'effnet-lite0-ms')
+    with pytest.raises(KeyError, match='unknown LLaVA keys'):
+        train_llava('pretrain', 'unused', n_images=10, typo_key=1)

@@ -16,7 +16,7 @@ config = Config(
     lora_target_modules='all-linear',
     model_builder='ft_course.llava:build_model',
     dataset_builder='ft_course.llava:build_dataset',
-    data_generator=dict(kind='llava', stage='finetune', vision_tower='effnet-lite0', image_size=224,
+    data_generator=dict(kind='llava', stage='finetune', vision_tower='effnet-lite0-ms', image_size=224,
                         n_images=2000, seed=1, photos=['coffee'], repeats=200, max_turns=4,
                         pretrained_pth='work_dirs/llava_pretrain/checkpoints/iter_125'),
     prompt_template='chatml',

@@ -11,7 +11,7 @@ config = Config(
     model_builder='ft_course.llava:build_model',
     dataset_builder='ft_course.llava:build_dataset',
     # the LLaVA settings live in data_generator (the trainer's Config has no LLaVA fields); see ft_course.llava.LLAVA_DEFAULTS
-    data_generator=dict(kind='llava', stage='pretrain', vision_tower='effnet-lite0', image_size=224,
+    data_generator=dict(kind='llava', stage='pretrain', vision_tower='effnet-lite0-ms', image_size=224,
                         n_images=2000, seed=0, photos=['coffee', 'rocket', 'chelsea', 'astronaut', 'grace_hopper']),
     prompt_template='chatml',
     max_length=256,
