@@ -334,8 +334,6 @@ RECIPES = {
                  finetune=dict(image_size=96, n_images=640, batch_size=8, max_steps=16, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
     'cpu': dict(pretrain=dict(image_size=96, n_images=480, batch_size=16, max_steps=30, lr=2e-3),
                 finetune=dict(image_size=96, n_images=2240, batch_size=8, max_steps=140, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
-    'cpu-early': dict(pretrain=dict(image_size=96, n_images=480, batch_size=16, max_steps=30, lr=2e-3, vision_tower='effnet-lite0-early'),
-                finetune=dict(image_size=96, n_images=2240, batch_size=8, max_steps=140, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32, vision_tower='effnet-lite0-early')),
     'full': dict(pretrain=dict(image_size=224, n_images=2000, batch_size=16, lr=1e-3, photos=list(REAL_PHOTOS)),
                  finetune=dict(image_size=224, n_images=3000, batch_size=16, lr=2e-4, repeats=200, seed=1, lora_r=16, lora_alpha=32)),
 }
