@@ -342,13 +342,14 @@ def fast_config_from(spec, trainer: bool = False) -> FastConfig:
         d['opt_in_backward'] = False
     return FastConfig(**d)
 
-def _use_triton(cfg, t):
-    return t.is_cuda and has_triton() or (os.environ.get('TRITON_INTERPRET') == '1' and has_triton())
+def _triton_ok(t):
+    "Can the Triton kernels run on tensor `t`: on CUDA, or anywhere in Triton's CPU interpreter (`TRITON_INTERPRET=1`)."
+    return (t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1') and has_triton()
 
 def dequantize(w: NF4Weight, dtype=None, out=None, how: str = 'triton'):
     "Dequantize with the chosen implementation ('triton' falls back to torch where Triton cannot run)."
     import torch
-    if how == 'triton' and (w.device.type == 'cuda' or os.environ.get('TRITON_INTERPRET') == '1') and has_triton():
+    if how == 'triton' and _triton_ok(w.packed):
         return dequantize_nf4_triton(w, dtype, out)
     if how == 'bnb':
         import bitsandbytes.functional as bnbF
@@ -448,7 +449,7 @@ def _make_rmsnorm_fn():
         def forward(ctx, x, w, eps):
             x2 = x.reshape(-1, x.shape[-1]).contiguous()
             N = x2.shape[1]
-            if has_triton() and (x.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
+            if _triton_ok(x):
                 K = _kernels(); y = torch.empty_like(x2)
                 rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
                 K.rmsnorm_fwd_kernel[(x2.shape[0],)](x2, w, y, rstd, N, eps, BLOCK=K.triton.next_power_of_2(N), num_warps=8)
@@ -461,7 +462,7 @@ def _make_rmsnorm_fn():
         def backward(ctx, dy):
             x2, w, rstd = ctx.saved_tensors
             dy2 = dy.reshape(x2.shape).contiguous(); N = x2.shape[1]
-            if has_triton() and (x2.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
+            if _triton_ok(x2):
                 K = _kernels(); dx = torch.empty_like(x2)
                 K.rmsnorm_bwd_kernel[(x2.shape[0],)](dy2, x2, w, rstd, dx, N, BLOCK=K.triton.next_power_of_2(N), num_warps=8)
             else:
@@ -486,7 +487,7 @@ def _make_swiglu_fn():
         @staticmethod
         def forward(ctx, gu):
             gu2 = gu.reshape(-1, gu.shape[-1]).contiguous(); F2 = gu2.shape[1] // 2
-            if has_triton() and (gu.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
+            if _triton_ok(gu):
                 K = _kernels(); a = torch.empty(gu2.shape[0], F2, dtype=gu.dtype, device=gu.device)
                 K.swiglu_fwd_kernel[(gu2.shape[0], triton_cdiv(F2, 1024))](gu2, a, F2, BLOCK=1024, num_warps=4)
             else:
@@ -497,7 +498,7 @@ def _make_swiglu_fn():
         def backward(ctx, da):
             (gu2,) = ctx.saved_tensors; F2 = gu2.shape[1] // 2
             da2 = da.reshape(-1, F2).contiguous()
-            if has_triton() and (gu2.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
+            if _triton_ok(gu2):
                 K = _kernels()
                 K.swiglu_bwd_kernel[(gu2.shape[0], triton_cdiv(F2, 1024))](da2, gu2, F2, BLOCK=1024, num_warps=4)
                 dgu = gu2
@@ -553,7 +554,7 @@ def _make_rope_fn():
 def rope(x, cos, sin, fused=True):
     "x (B, S, heads, hd) -> rotated (B, heads, S, hd); the Triton kernel on CUDA (or Triton's interpreter), else `rope_ref`."
     hd = x.shape[-1]
-    ok = fused and has_triton() and (x.is_cuda or os.environ.get('TRITON_INTERPRET') == '1') and hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0
+    ok = fused and _triton_ok(x) and hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0   # half a head: a power of two
     if not ok or x.stride(-1) != 1: return rope_ref(x, cos, sin)
     return _fn('rope', _make_rope_fn).apply(x, cos, sin)
 
@@ -573,7 +574,7 @@ def _make_ce_fn():
             c = max(1, min(T, chunk_elems // V))
             dh = torch.empty_like(h2) if ctx.needs_input_grad[0] else None
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            K = _kernels() if fused and has_triton() and (h.is_cuda or os.environ.get('TRITON_INTERPRET') == '1') else None
+            K = _kernels() if fused and _triton_ok(h) else None
             for s in range(0, T, c):
                 e = min(T, s + c)
                 if K is not None:   # one kernel: loss per row, and the logits' gradient written over the logits
@@ -639,7 +640,10 @@ class _PinnedPool:
         with torch.cuda.stream(s): buf.copy_(h, non_blocking=True)
         ev = s.record_event()
         self.pending = (h, ev)       # h may not be freed (and its memory reused) before the copy has read it
-        return buf, ev
+        return ev
+    def reset(self):
+        "Forget every buffer (between models of different shapes)."
+        self.bufs.clear(); self.pre.clear(); self.pending = None
     def join(self):
         import torch
         if self.pending is not None:
@@ -675,8 +679,7 @@ def _make_ckpt_fn():
             with torch.no_grad(): out = run(h)
             ctx.run, ctx.off, ctx.key, ctx.prefetch, ctx.evs = run, offload and h.is_cuda, key, prefetch, evs
             if ctx.off:
-                _, ev = _POOL.offload(key, h)
-                evs[key] = ev; ctx.dev = h.device
+                evs[key] = _POOL.offload(key, h); ctx.dev = h.device
             else:
                 ctx.save_for_backward(h)
             return out
@@ -1054,7 +1057,7 @@ def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, 
     res = dict(impl=label, model=f'{shape}-shape', mode='qlora', seq=seq, bs=bs, step_s=round(dt, 4), tok_s=round(bs * seq / dt),
                load_GiB=round(load / 2**30, 2), peak_GiB=round(peak / 2**30, 2), mfu_4N=round(mfu(bs * seq / dt, n), 4),
                n_params=n, loss=round(loss.item(), 4), flags=asdict(cfg))
-    del model, opt, params, step; _POOL.bufs.clear(); _POOL.pre.clear(); _POOL.pending = None; gc.collect(); torch.cuda.empty_cache()
+    del model, opt, params, step; _POOL.reset(); gc.collect(); torch.cuda.empty_cache()
     return res
 
 def bench_dequant(shapes=((4096, 4096), (11008, 4096)), reps=200):

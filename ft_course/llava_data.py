@@ -111,11 +111,11 @@ def qa_messages(s: dict, rng: random.Random, max_turns: int = 4) -> list[dict]:
 
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'BACKGROUNDS', 'SIZES', 'QUESTION_TYPES', 'CHANCE', 'CAPTION_PROMPTS', 'REAL_PHOTOS', 'TEXT_ONLY',
-           'PRETRAIN_CFG', 'FINETUNE_CFG', 'HELDOUT_SEED', 'VISION_TOWER', 'RECIPES', 'Shape', 'Scene', 'random_scene',
-           'render_scene', 'caption', 'questions', 'make_shapes_dataset', 'caption_messages', 'qa_messages',
-           'real_photo', 'repeated_conversations', 'text_only_conversations', 'image_features', 'LlavaDataset',
-           'is_correct', 'answer_questions', 'vqa_accuracy', 'object_tokens', 'linear_probe', 'caption_score',
-           'describe', 'llava_run_dir', 'train_llava', 'recipe', 'run_recipe']
+           'FEATURES_VERSION', 'PRETRAIN_CFG', 'FINETUNE_CFG', 'HELDOUT_SEED', 'VISION_TOWER', 'RECIPES', 'Shape',
+           'Scene', 'random_scene', 'render_scene', 'caption', 'questions', 'make_shapes_dataset', 'caption_messages',
+           'qa_messages', 'real_photo', 'repeated_conversations', 'text_only_conversations', 'image_features',
+           'LlavaDataset', 'is_correct', 'answer_questions', 'vqa_accuracy', 'object_tokens', 'linear_probe',
+           'caption_score', 'describe', 'llava_run_dir', 'train_llava', 'recipe', 'run_recipe']
 
 # %% ../nbs/10_llava_pretrain.ipynb #b2939bee
 def _skimage(name):
@@ -168,13 +168,15 @@ def text_only_conversations() -> list[list[dict]]:
     return [[{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}] for q, a in TEXT_ONLY]
 
 # %% ../nbs/10_llava_pretrain.ipynb #d0265c74
+FEATURES_VERSION = 2   # part of every cache file name: bump it when a tower's output changes (2: standardised '-ms' channels)
+
 def image_features(images, tower=None, batch_size: int = 32, cache_key: str | None = None, progress: bool = True,
                    vision_tower: str = 'effnet-lite0-ms', image_size: int | None = None):
     "Frozen encoder output for a list of images, (n, N, D) in fp16, cached on disk under `cache_key` when given."
     import torch
     from tqdm.auto import tqdm
     from ft_course.core import cache_dir
-    path = cache_dir('llava_features') / f"{cache_key}.pt" if cache_key else None
+    path = cache_dir('llava_features') / f"{cache_key}-f{FEATURES_VERSION}.pt" if cache_key else None
     if path is not None and path.exists():
         f = torch.load(path, weights_only=True)
         if len(f) == len(images): return f

@@ -170,7 +170,7 @@ def validate_config(cfg: Config) -> Config:
         t = c.lora_target_modules
         _check(t == 'all-linear' or (isinstance(t, (list, tuple)) and t and all(isinstance(x, str) for x in t)),
                c, 'lora_target_modules', "'all-linear' or a non-empty list of module names")
-    if c.fast is not False and c.fast is not None:
+    if c.fast:   # the same test build_model uses
         from ft_course.fast import fast_config_from, _TARGETS
         try: fast_config_from(c.fast, trainer=True)
         except ValueError as e: raise ConfigError(f"{getattr(c, '_source', c.name)}: key 'fast': {e}") from None
