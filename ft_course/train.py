@@ -500,19 +500,17 @@ def _peak_memory():
 
 def plot_log(work_dir, out=None):
     "Loss curve (and learning rate) of a run from its log.jsonl, saved as `loss_curve.png`; returns the path."
-    import matplotlib; matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure    # not pyplot: the caller's backend (a notebook's inline plots) stays as it is
     work_dir = Path(work_dir)
     rows = [json.loads(l) for l in (work_dir / 'log.jsonl').read_text().splitlines() if l.strip()]
     rows = [r for r in rows if r.get('type') == 'train']
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2)); ax = fig.subplots(1, 2)
     ax[0].plot([r['step'] for r in rows], [r['loss'] for r in rows], marker='.' if len(rows) < 40 else None)
     ax[0].set_xlabel('optimizer step'); ax[0].set_ylabel('training loss'); ax[0].set_title(work_dir.name)
     ax[1].plot([r['step'] for r in rows], [r['lr'] for r in rows]); ax[1].set_xlabel('optimizer step'); ax[1].set_ylabel('learning rate')
     fig.tight_layout()
     out = Path(out or work_dir / 'loss_curve.png')
     with atomic_write(out, 'wb') as f: fig.savefig(f, format='png', dpi=90)
-    plt.close(fig)
     return out
 
 def read_log(work_dir, kind='train') -> list[dict]:

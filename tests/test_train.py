@@ -119,3 +119,19 @@ def test_deepspeed_zero2_two_processes(tmp_path):
     assert st['world_size'] == 2
     l = _losses(tmp_path / 'z')
     assert len(l) == 4 and l[-1] < l[0]
+
+
+def test_plot_log_keeps_the_callers_backend(tmp_path):
+    "Saving loss_curve.png must not switch matplotlib's backend (that would silence a notebook's inline plots)."
+    import matplotlib
+    from PIL import Image
+    from ft_course.train import plot_log
+    rows = [dict(type='train', step=i, loss=3.0 / i, lr=1e-3) for i in range(1, 6)]
+    (tmp_path / 'log.jsonl').write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use('svg')
+        out = plot_log(tmp_path)
+        assert matplotlib.get_backend() == 'svg'
+    finally: matplotlib.use(before)
+    assert Image.open(out).format == 'PNG' and Image.open(out).size[0] > 300
