@@ -175,14 +175,14 @@ def image_features(images, tower=None, batch_size: int = 32, cache_key: str | No
     "Frozen encoder output for a list of images, (n, N, D) in fp16, cached on disk under `cache_key` when given."
     import torch
     from tqdm.auto import tqdm
-    from ft_course.core import cache_dir
+    from ft_course.core import cache_dir, default_device
     path = cache_dir('llava_features') / f"{cache_key}-f{FEATURES_VERSION}.pt" if cache_key else None
     if path is not None and path.exists():
         f = torch.load(path, weights_only=True)
         if len(f) == len(images): return f
     if tower is None:
         from ft_course.llava import VisionTower
-        tower = VisionTower(vision_tower, image_size or images[0].size[0])   # default: the (square) images' own size
+        tower = VisionTower(vision_tower, image_size or images[0].size[0]).to(default_device())   # default size: the (square) images' own
     dev = next(tower.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc='encoding images', disable=not progress or len(images) <= batch_size):
@@ -336,14 +336,15 @@ RECIPES = {
                  finetune=dict(image_size=96, n_images=640, batch_size=8, max_steps=16, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
     'cpu': dict(pretrain=dict(image_size=96, n_images=480, batch_size=16, max_steps=30, lr=2e-3),
                 finetune=dict(image_size=96, n_images=2240, batch_size=8, max_steps=140, lr=1e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
-    'full': dict(pretrain=dict(image_size=224, n_images=2000, batch_size=16, lr=1e-3, photos=list(REAL_PHOTOS)),
-                 finetune=dict(image_size=224, n_images=3000, batch_size=16, lr=2e-4, repeats=200, seed=1, lora_r=16, lora_alpha=32)),
+    # measured on one H200 (benchmarks/llava_gpu.py, recipe 'g96-a' there): synthetic scenes only (no photo conversations)
+    'gpu': dict(pretrain=dict(image_size=96, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
+                finetune=dict(image_size=96, n_images=12000, batch_size=32, max_steps=900, lr=1e-3, seed=1, lora_r=16, lora_alpha=32, photos=[])),
 }
 
 def recipe(stage: str, name: str | None = None) -> dict:
-    "`train_llava` keyword arguments for one stage of a recipe (default: 'test' when running small, else 'full')."
+    "`train_llava` keyword arguments for one stage of a recipe (default: 'test' when running small, else 'gpu')."
     from ft_course.core import is_small
-    name = name or ('test' if is_small() else 'full')
+    name = name or ('test' if is_small() else 'gpu')
     if name not in RECIPES: raise KeyError(f"unknown LLaVA recipe {name!r}; known: {', '.join(RECIPES)}")
     if stage not in ('pretrain', 'finetune'): raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'finetune'")
     return dict(RECIPES[name][stage])

@@ -183,3 +183,33 @@ def test_configs_and_train_llava_options(monkeypatch):
            (4, 3, 1e-3, 10, 96, 1, False, 'effnet-lite0-ms')
     with pytest.raises(KeyError, match='unknown LLaVA keys'):
         train_llava('pretrain', 'unused', n_images=10, typo_key=1)
+
+
+@pytest.mark.parametrize('name', ['test', 'cpu', 'gpu'])
+def test_recipes_reach_the_trainer(name, monkeypatch):
+    "Every stage of every recipe is a valid train_llava call whose settings arrive in the trainer's config unchanged."
+    import ft_course.train as T
+    from ft_course.llava_data import train_llava, recipe, RECIPES
+    assert set(RECIPES) >= {'test', 'cpu', 'gpu'}
+    seen = {}
+    def fake_train(cfg, work_dir, cfg_options=None, progress=True):
+        seen['cfg'] = T.load_config(cfg, cfg_options); seen['s'] = llava_settings(seen['cfg'])
+    monkeypatch.setattr(T, 'train', fake_train)
+    for stage in ('pretrain', 'finetune'):
+        r = recipe(stage, name)
+        train_llava(stage, 'unused', **r)
+        c, s = seen['cfg'], seen['s']
+        assert (c.batch_size, c.lr, s['image_size'], s['n_images'], s['stage']) == (r['batch_size'], r['lr'], r['image_size'], r['n_images'], stage)
+        assert c.max_steps == r.get('max_steps') and s['photos'] == list(r.get('photos', ['coffee']))
+        if stage == 'finetune': assert (c.lora_r, c.lora_alpha) == (r['lora_r'], r['lora_alpha'])
+
+
+def test_gpu_record_is_the_gpu_recipe():
+    "The committed GPU measurement (benchmarks/results/llava_gpu) was made with the settings RECIPES['gpu'] holds now."
+    import json
+    from pathlib import Path
+    from ft_course.llava_data import RECIPES, CHANCE
+    rec = Path(__file__).parent.parent / 'benchmarks' / 'results' / 'llava_gpu' / 'g96-a.json'
+    r = json.loads(rec.read_text())
+    assert r['settings']['pretrain'] == RECIPES['gpu']['pretrain'] and r['settings']['finetune'] == RECIPES['gpu']['finetune']
+    assert r['settings']['n_test'] == 200 and r['machine']['device'] == 'cuda' and r['chance'] == CHANCE
