@@ -111,6 +111,7 @@ class ImageProcessor:
 
 # %% ../nbs/09_llava_model.ipynb #4908ae69
 EFFNET_EARLY_BLOCK = 4   # last block of stage 3: 40 channels at stride 8
+_CALIBRATION = {}        # (tower name, image size) -> (mean, std): computed once per process
 
 class VisionTower(nn.Module):
     "A frozen image encoder that returns a sequence of visual tokens (B, N, hidden_size); 'effnet-lite0-ms' adds an early map's channels."
@@ -141,8 +142,11 @@ class VisionTower(nn.Module):
         "Per-channel mean and std of the features on `n` fixed synthetic scenes: the '-ms' towers return standardised channels."
         from ft_course.llava_data import make_shapes_dataset
         self.register_buffer('feat_mean', None, persistent=False); self.register_buffer('feat_std', None, persistent=False)
-        f = self(self.image_processor([d['image'] for d in make_shapes_dataset(n, seed=seed, size=self.image_processor.size)]))
-        self.feat_mean, self.feat_std = f.mean((0, 1)), f.std((0, 1)).clamp_min(0.05)
+        key = (self.name, self.image_processor.size, n, seed)
+        if key not in _CALIBRATION:
+            f = self(self.image_processor([d['image'] for d in make_shapes_dataset(n, seed=seed, size=self.image_processor.size)]))
+            _CALIBRATION[key] = (f.mean((0, 1)), f.std((0, 1)).clamp_min(0.05))
+        self.feat_mean, self.feat_std = (t.clone() for t in _CALIBRATION[key])
     def num_tokens(self, size: int | None = None) -> int:
         "Visual tokens per image of side `size` (default: the processor's)."
         size = size or self.image_processor.size

@@ -166,19 +166,26 @@ def test_caption_score():
     assert caption_score(sc, 'A small red circle on the left') == 1.0 and caption_score(sc, 'a blue circle') == 0.0
 
 
-def test_configs_and_train_llava_options(monkeypatch):
+@pytest.fixture
+def trainer_config(monkeypatch):
+    "Replace the trainer by a stub that only loads the config train_llava hands it; returns where that config lands."
+    import ft_course.train as T
+    seen = {}
+    def fake_train(cfg, work_dir, cfg_options=None, progress=True):
+        seen['cfg'] = T.load_config(cfg, cfg_options); seen['s'] = llava_settings(seen['cfg'])   # what build_model/build_dataset check
+    monkeypatch.setattr(T, 'train', fake_train)
+    return seen
+
+
+def test_configs_and_train_llava_options(trainer_config):
     "Both built-in configs use the multi-scale tower; train_llava hands its settings to the trainer as cfg options."
     import ft_course.train as T
     from ft_course.llava_data import train_llava, PRETRAIN_CFG, FINETUNE_CFG, VISION_TOWER
     for name, stage in ((PRETRAIN_CFG, 'pretrain'), (FINETUNE_CFG, 'finetune')):
         s = llava_settings(T.load_config(name))
         assert s['vision_tower'] == VISION_TOWER == 'effnet-lite0-ms' and s['stage'] == stage
-    seen = {}
-    def fake_train(cfg, work_dir, cfg_options=None, progress=True):
-        seen['cfg'] = T.load_config(cfg, cfg_options); llava_settings(seen['cfg'])     # what build_model/build_dataset check
-    monkeypatch.setattr(T, 'train', fake_train)
     train_llava('finetune', 'unused', n_images=10, image_size=96, batch_size=4, max_steps=3, lr=1e-3, max_turns=1, text_only=False)
-    c = seen['cfg']; s = llava_settings(c)
+    c, s = trainer_config['cfg'], trainer_config['s']
     assert (c.batch_size, c.max_steps, c.lr, s['n_images'], s['image_size'], s['max_turns'], s['text_only'], s['vision_tower']) == \
            (4, 3, 1e-3, 10, 96, 1, False, 'effnet-lite0-ms')
     with pytest.raises(KeyError, match='unknown LLaVA keys'):
@@ -186,19 +193,14 @@ def test_configs_and_train_llava_options(monkeypatch):
 
 
 @pytest.mark.parametrize('name', ['test', 'cpu', 'gpu'])
-def test_recipes_reach_the_trainer(name, monkeypatch):
+def test_recipes_reach_the_trainer(name, trainer_config):
     "Every stage of every recipe is a valid train_llava call whose settings arrive in the trainer's config unchanged."
-    import ft_course.train as T
     from ft_course.llava_data import train_llava, recipe, RECIPES
     assert set(RECIPES) >= {'test', 'cpu', 'gpu'}
-    seen = {}
-    def fake_train(cfg, work_dir, cfg_options=None, progress=True):
-        seen['cfg'] = T.load_config(cfg, cfg_options); seen['s'] = llava_settings(seen['cfg'])
-    monkeypatch.setattr(T, 'train', fake_train)
     for stage in ('pretrain', 'finetune'):
         r = recipe(stage, name)
         train_llava(stage, 'unused', **r)
-        c, s = seen['cfg'], seen['s']
+        c, s = trainer_config['cfg'], trainer_config['s']
         assert (c.batch_size, c.lr, s['image_size'], s['n_images'], s['stage']) == (r['batch_size'], r['lr'], r['image_size'], r['n_images'], stage)
         assert c.max_steps == r.get('max_steps') and s['photos'] == list(r.get('photos', ['coffee']))
         if stage == 'finetune': assert (c.lora_r, c.lora_alpha) == (r['lora_r'], r['lora_alpha'])
