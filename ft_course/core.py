@@ -8,11 +8,13 @@ import os, sys, gc, time, random, threading, contextlib
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['in_test', 'has_cuda', 'is_small', 'pick', 'default_device', 'default_dtype', 'as_dtype', 'seed_everything',
-           'count_params', 'bytes_by_dtype', 'human_bytes', 'human_count', 'PeakMemory', 'Timer', 'cache_dir',
-           'atomic_write', 'atomic_dir', 'set_plot_style', 'subplots']
+__all__ = ['SIZES', 'in_test', 'has_cuda', 'size', 'is_small', 'pick', 'default_device', 'default_dtype', 'as_dtype',
+           'seed_everything', 'count_params', 'bytes_by_dtype', 'human_bytes', 'human_count', 'PeakMemory', 'Timer',
+           'cache_dir', 'atomic_write', 'atomic_dir', 'set_plot_style', 'subplots']
 
 # %% ../nbs/00_core.ipynb #1cb753bd
+SIZES = ('test', 'laptop', 'full')
+
 def in_test() -> bool:
     "True while `nbdev_test` (or pytest with `IN_TEST=1`) runs the notebooks."
     return bool(os.environ.get('IN_TEST'))
@@ -22,16 +24,25 @@ def has_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
 
-def is_small() -> bool:
-    "Run small? `FT_COURSE_SIZE` decides if set, else: small under test or without a GPU."
-    size = os.environ.get('FT_COURSE_SIZE', '').lower()
-    if size in ('small', 'full'): return size == 'small'
-    if size: raise ValueError(f"FT_COURSE_SIZE={size!r}: expected 'small' or 'full'")
-    return in_test() or not has_cuda()
+def size() -> str:
+    "'test', 'laptop' or 'full': `FT_COURSE_SIZE` if set ('small' = 'test'), else test under nbdev_test, full on a GPU, laptop on a CPU."
+    s = os.environ.get('FT_COURSE_SIZE', '').strip().lower()
+    if s == 'small': s = 'test'
+    if s:
+        if s not in SIZES: raise ValueError(f"FT_COURSE_SIZE={s!r}: expected one of {', '.join(SIZES)} (or 'small' for test)")
+        return s
+    if in_test(): return 'test'
+    return 'full' if has_cuda() else 'laptop'
 
-def pick(small, full):
-    "`small` when running small (see `is_small`), else `full`."
-    return small if is_small() else full
+def is_small() -> bool:
+    "True at test or laptop size (anything but full)."
+    return size() != 'full'
+
+def pick(small, full, laptop=None):
+    "`small` at test size, `laptop` (if given, else `small`) at laptop size, `full` at full size."
+    s = size()
+    if s == 'full': return full
+    return laptop if (s == 'laptop' and laptop is not None) else small
 
 # %% ../nbs/00_core.ipynb #607c5101
 def default_device() -> str:
