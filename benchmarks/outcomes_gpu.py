@@ -1,0 +1,136 @@
+"""Learning outcomes at full size on a GPU: LLaVA on unseen scenes (with no-learning baselines) and the lesson's 1k/10k drift.
+
+    python benchmarks/outcomes_gpu.py OUT_DIR NAME [NAME ...]     # names: keys of LLAVA or DRIFT below (one process each)
+
+LLaVA: each recipe runs stage 1 and stage 2 through `ft_course.llava_data.train_llava` (the trainer and the built-in
+configs), then is scored on a dev split (seed DEV_SEED, the one recipes are chosen on) and on a test split drawn with a
+fresh seed at run time (recorded), never used to choose anything. Beside each accuracy: n, a 95% Wilson interval and two
+baselines a model reaches without looking at the image: the majority answer of each question type (counted on the dev
+split's questions) and the same trained model given another image's features (images shuffled).
+
+Drift: the lesson's self-cognition data at its own sizes (1,000 and 10,000 repeated identity samples, and 2,000 identity
+samples mixed with 10,000 replay samples of the base model's own answers), QLoRA on SmolLM2 with the built-in config,
+every checkpoint scored with `checkpoint_drift` (held-out identity questions, general-probe retention).
+
+Each NAME writes OUT_DIR/NAME.json and OUT_DIR/NAME.log. Getting SmolLM2 onto the GPU machine: see
+benchmarks/llava_gpu_assets.sh (two calls), then
+    bash benchmarks/llava_gpu_assets.sh --join && export PYTHONPATH=/tmp/site:/tmp/assets:$PWD FT_COURSE_HOME=/tmp/ftc \
+        && timeout 560 python3 benchmarks/outcomes_gpu.py $OUT NAME ...
+"""
+import json, math, os, platform, random, subprocess, sys, time
+from collections import Counter
+from pathlib import Path
+
+DEV_SEED = 777
+
+def _variant(pretrain=None, **finetune):
+    from ft_course.llava_data import RECIPES
+    g = RECIPES['gpu']
+    return dict(pretrain={**g['pretrain'], **(pretrain or {})}, finetune={**g['finetune'], **finetune})
+
+LLAVA = {   # stage settings for train_llava; 'gpu' is RECIPES['gpu'] as it stands
+    'llava-gpu': lambda: _variant(),
+    'llava-b128': lambda: _variant(n_images=24000, batch_size=128, max_steps=450),
+    'llava-b128-px128': lambda: _variant(dict(image_size=128), image_size=128, n_images=24000, batch_size=128, max_steps=450),
+    'smoke-llava': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3),
+}
+DRIFT = {   # self-cognition generator settings; save_steps chosen for ~15 checkpoints a run
+    'drift-1k': (dict(n=1000, replay=0), 10),
+    'drift-10k': (dict(n=10000, replay=0), 60),
+    'drift-2k-replay10k': (dict(n=2000, replay=10000), 100),
+    'smoke-drift': (dict(n=40, replay=8), 2),
+}
+
+def wilson(k, n, z=1.96):
+    "95% Wilson interval of k successes in n trials."
+    if n == 0: return (0.0, 1.0)
+    p = k / n; d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d; h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (round(max(0, c - h), 4), round(min(1, c + h), 4))
+
+def _score(rows, answers):
+    from ft_course.llava_data import is_correct, QUESTION_TYPES
+    out = {}
+    for t in QUESTION_TYPES:
+        idx = [i for i, r in enumerate(rows) if r[1] == t]
+        k = sum(is_correct(t, answers[i], rows[i][3]) for i in idx)
+        if idx: out[t] = dict(acc=round(k / len(idx), 4), n=len(idx), ci=wilson(k, len(idx)))
+    return out
+
+def evaluate(model, tok, samples, feats, majority):
+    "Accuracy by type with the trained model, with images shuffled, and of the majority answer."
+    import torch
+    from ft_course.llava_data import answer_questions
+    rows = [(i, t, q, a) for i, s in enumerate(samples) for (t, q, a) in s['qa']]
+    img = torch.tensor([r[0] for r in rows])
+    qs = [r[2] for r in rows]
+    real = answer_questions(model, tok, feats[img], qs, progress=False)
+    shuf = answer_questions(model, tok, feats[(img + 1) % len(samples)], qs, progress=False)   # another scene's image
+    return dict(model=_score(rows, real), shuffled=_score(rows, shuf), majority=_score(rows, [majority[r[1]] for r in rows]),
+                examples=[dict(q=r[2], truth=r[3], answer=a) for r, a in zip(rows[:12], real)])
+
+def run_llava(name, work):
+    import torch
+    from ft_course.llava_data import make_shapes_dataset, image_features, train_llava, VISION_TOWER
+    rec = LLAVA[name](); s1, s2 = rec['pretrain'], rec['finetune']
+    size, tower = s1['image_size'], s1.get('vision_tower', VISION_TOWER)
+    test_seed = int.from_bytes(os.urandom(4), 'little') % 10**6 + 10**6      # fresh each run, never below 1e6 (training seeds are 0/1)
+    n = 40 if name.startswith('smoke') else 200
+    dev, test = make_shapes_dataset(n, seed=DEV_SEED, size=size), make_shapes_dataset(n, seed=test_seed, size=size)
+    fd = image_features([d['image'] for d in dev], vision_tower=tower, progress=False)
+    ft = image_features([d['image'] for d in test], vision_tower=tower, progress=False)
+    majority = {}
+    for t in {t for s in dev for (t, _, _) in s['qa']}:
+        majority[t] = Counter(a for s in dev for (tt, _, a) in s['qa'] if tt == t).most_common(1)[0][0]
+    t0 = time.time()
+    r1 = train_llava('pretrain', work / 'pretrain', progress=False, **s1)
+    t1 = time.time() - t0; ck1 = r1.last_checkpoint
+    after1 = evaluate(r1.model, r1.tokenizer, dev, fd, majority)['model']; del r1
+    t0 = time.time()
+    r2 = train_llava('finetune', work / 'finetune', pretrained_pth=ck1, progress=False, **s2)
+    t2 = time.time() - t0
+    return dict(recipe=rec, dev_seed=DEV_SEED, test_seed=test_seed, majority_answer=majority,
+                seconds=dict(pretrain=round(t1), finetune=round(t2)), steps=dict(finetune=r2.steps),
+                loss=dict(first=r2.losses[0], last=sum(r2.losses[-5:]) / 5),
+                dev_after_stage1=after1, dev=evaluate(r2.model, r2.tokenizer, dev, fd, majority),
+                test=evaluate(r2.model, r2.tokenizer, test, ft, majority))
+
+def run_drift(name, work):
+    from ft_course.train import train, checkpoint_drift
+    gen, save = DRIFT[name]
+    spec = dict(kind='self_cognition', name='Ada', author='the ft_course team', lang='en', seed=0, **gen)
+    opts = [f'data_generator={spec!r}', f'save_steps={save}', 'save_total_limit=1000', 'evaluation_inputs=[]']
+    if name.startswith('smoke'): opts.append('max_steps=4')
+    t0 = time.time()
+    r = train('smollm2_135m_qlora_selfcog_e3', work, progress=False, cfg_options=opts)
+    secs = time.time() - t0
+    return dict(generator=spec, method='qlora', steps=r.steps, seconds=round(secs), losses=r.losses[::max(1, len(r.losses) // 200)],
+                checkpoints=checkpoint_drift(work, 'Ada', author='the ft_course team', progress=False))
+
+def one(name, out):
+    import torch, transformers
+    work = Path(os.environ.get('OUTCOMES_WORK', '/tmp/outcomes')) / name
+    res = run_llava(name, work) if name in LLAVA else run_drift(name, work)
+    res.update(name=name, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+               machine=dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', torch=torch.__version__,
+                            transformers=transformers.__version__, platform=platform.platform()))
+    (Path(out) / f'{name}.json').write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k in ('test', 'checkpoints', 'seconds')}, indent=1)[:3000])
+
+def main(out, names):
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    bad = [n for n in names if n not in LLAVA and n not in DRIFT]
+    if bad: sys.exit(f"unknown names {bad}: expected some of {', '.join([*LLAVA, *DRIFT])}")
+    from ft_course.models import smollm2_dir
+    smollm2_dir()                       # convert the GGUF once, before the children race for it
+    procs = []
+    for n in names:
+        log = open(out / f'{n}.log', 'w')
+        procs.append((n, subprocess.Popen([sys.executable, __file__, '--one', n, str(out)], stdout=log, stderr=subprocess.STDOUT), time.time()))
+    for n, p, t0 in procs:
+        rc = p.wait()
+        print(f"{n}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+
+if __name__ == '__main__':
+    if sys.argv[1] == '--one': one(sys.argv[2], sys.argv[3])
+    else: main(sys.argv[1], sys.argv[2:])
