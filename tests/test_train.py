@@ -2,8 +2,8 @@
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
-from ft_course.train import (Config, ConfigError, load_config, validate_config, list_configs, copy_config, latest_checkpoint,
-                             read_checkpoint, lr_lambda, train_cli, copy_cfg_cli, list_cfg_cli, config_source)
+from ft_course.train import (Config, ConfigError, load_config, latest_checkpoint, read_checkpoint, lr_lambda, train_cli, config_source)
+from ft_course.config import validate_config, list_configs, copy_config, copy_cfg_cli, list_cfg_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
