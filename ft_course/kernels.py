@@ -153,7 +153,7 @@ def _nf4_kernels(triton, tl):
         tl.store(out + o, v.to(out.dtype.element_ty), mask=o < n)
     return {k: v for k, v in locals().items() if k.endswith('_kernel')}
 
-# %% ../nbs/16_fast_qlora.ipynb
+# %% ../nbs/16_fast_qlora.ipynb #acf7b570
 def _norm_kernels(triton, tl):
     "RMSNorm and SwiGLU, forward and backward, one row (or one block of the intermediate) per program."
     @triton.jit
@@ -203,7 +203,7 @@ def _norm_kernels(triton, tl):
         tl.store(gu + row * 2 * F + F + cols, du.to(gu.dtype.element_ty), mask=m)
     return {k: v for k, v in locals().items() if k.endswith('_kernel')}
 
-# %% ../nbs/16_fast_qlora.ipynb
+# %% ../nbs/16_fast_qlora.ipynb #a2c620ae
 def _rope_ce_kernels(triton, tl):
     "RoPE in one pass, and the cross-entropy rows kernel (online log-sum-exp, gradient written in place)."
     @triton.jit
@@ -256,7 +256,7 @@ def _rope_ce_kernels(triton, tl):
                 tl.store(base + c, g.to(z.dtype.element_ty), mask=c < V)
     return {k: v for k, v in locals().items() if k.endswith('_kernel')}
 
-# %% ../nbs/16_fast_qlora.ipynb
+# %% ../nbs/16_fast_qlora.ipynb #0ac9ec83
 def _kernels():
     "Compile-on-first-use Triton kernels (imported lazily: Triton exists only where it can run)."
     global _KERNELS

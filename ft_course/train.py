@@ -451,32 +451,20 @@ def _resume(ckpt, cfg, model, opt, sched, engine):
     return state, (torch.load(rng, weights_only=False) if rng.is_file() else None)
 
 # %% ../nbs/06_training_loop.ipynb #15dca17c
-def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None, seed: int | None = None,
-          cfg_options: list[str] | None = None, progress: bool = True) -> TrainResult:
-    """Fine-tune as the config says, writing log.jsonl, loss_curve.png, eval/ and checkpoints/iter_N into `work_dir`.
-    `deepspeed`: 'zero1'|'zero2'|'zero3'|file.json; `resume`: 'auto' (newest checkpoint in work_dir) or a checkpoint folder."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    t_start = time.time()
-    cfg = load_config(cfg, cfg_options)
-    if deepspeed is not None: cfg.deepspeed = deepspeed
-    if seed is not None: cfg.seed = seed
-    validate_config(cfg)
-    work_dir = Path(work_dir); work_dir.mkdir(parents=True, exist_ok=True)
-    use_ds = cfg.deepspeed is not None
-    rank, world = init_distributed(use_ds)
-    main = rank == 0
-    log = _Log(work_dir, main)
-    ckpt = None
+def _resume_point(resume, work_dir, log):
+    "The checkpoint to resume from: None, the newest one in `work_dir` (`resume='auto'`) or the folder given."
     if resume == 'auto':
         ckpt = latest_checkpoint(work_dir)
         if ckpt is None: log('info', f"--resume auto: no checkpoint in {work_dir}/checkpoints, starting from scratch", step=0)
-    elif resume: 
-        ckpt = Path(resume)
-        if not (ckpt / 'trainer_state.json').is_file(): raise ConfigError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
-    if ckpt is None and main and (work_dir / 'log.jsonl').exists(): (work_dir / 'log.jsonl').unlink()
-    seed_everything(cfg.seed)
+        return ckpt
+    if not resume: return None
+    ckpt = Path(resume)
+    if not (ckpt / 'trainer_state.json').is_file(): raise ConfigError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+    return ckpt
+
+def _model_and_data(cfg, work_dir):
+    "Model and tokenizer (config hook or `build_model`) on the device, the data generated if asked, the dataset and its collate."
+    import torch
     model, tok = (_import_obj(cfg.model_builder) if cfg.model_builder else build_model)(cfg)
     dev = _device()
     if not any(p.device.type == torch.device(dev).type for p in model.parameters()): model.to(dev)
@@ -486,21 +474,28 @@ def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None
         from ft_course.data import SFTDataset
         ds = SFTDataset(_ensure_system(ds.records, cfg.system), tok, cfg.prompt_template, cfg.max_length, pack=cfg.pack_to_max_length)
         collate_fn = ds.collate_fn
-    n, bs, accum = len(ds), cfg.batch_size, cfg.accumulative_counts
-    per_rank = n // world
-    micro_per_epoch = per_rank // bs
-    if micro_per_epoch == 0:
-        raise ConfigError(f"{cfg.name}: {n} samples cannot fill one micro-batch of batch_size={bs} on {world} process(es)")
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.max_epochs * micro_per_epoch / accum))
-    total_micro = total_steps * accum
+    return cfg, model, tok, dev, ds, collate_fn
 
+def _step_counts(cfg, n, world):
+    "(micro-batches per epoch and rank, optimizer steps, micro-batches in all); an error when one micro-batch cannot be filled."
+    micro_per_epoch = (n // world) // cfg.batch_size
+    if micro_per_epoch == 0:
+        raise ConfigError(f"{cfg.name}: {n} samples cannot fill one micro-batch of batch_size={cfg.batch_size} on {world} process(es)")
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.max_epochs * micro_per_epoch / cfg.accumulative_counts))
+    return micro_per_epoch, total_steps, total_steps * cfg.accumulative_counts
+
+
+# %% ../nbs/06_training_loop.ipynb
+def _optimizer(cfg, model, total_steps, world, dev):
+    "AdamW (or SGD) on the trainable parameters, warm-up then cosine; under DeepSpeed its engine, on several processes DDP."
+    import torch
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ConfigError(f"{cfg.name}: the model has no trainable parameters")
     if cfg.optim_type == 'AdamW': opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     else: opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_ratio))
     engine, zero_stage, fwd = None, 0, model
-    if use_ds:
+    if cfg.deepspeed is not None:
         import deepspeed as ds_mod
         dsc = deepspeed_config(cfg, cfg.deepspeed, world)
         zero_stage = dsc.get('zero_optimization', {}).get('stage', 0)
@@ -509,68 +504,107 @@ def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         fwd = DDP(model, device_ids=[torch.device(dev).index] if dev.startswith('cuda') else None)
+    return params, opt, sched, engine, zero_stage, fwd
+
+def _micro_batches(ds, collate_fn, cfg, rank, world, m, total_micro, micro_per_epoch):
+    "(epoch, micro-batch number, batch) from micro-batch `m` on: a seeded permutation per epoch, this rank's share of it."
+    import torch
+    from torch.utils.data import DataLoader
+    n, bs = len(ds), cfg.batch_size
+    def epoch_indices(ep):
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + ep)
+        perm = torch.randperm(n, generator=g).tolist()
+        return perm[rank::world][:n // world][:micro_per_epoch * bs]
+    while m < total_micro:
+        ep, j = divmod(m, micro_per_epoch)
+        dl = DataLoader(ds, batch_size=bs, sampler=epoch_indices(ep)[j * bs:], collate_fn=collate_fn,
+                        num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed + ep))
+        for b in dl:
+            yield ep, m, b
+            m += 1
+            if m >= total_micro or m % micro_per_epoch == 0: break
+
+def _optimizer_step(cfg, params, opt, sched, engine):
+    "Clip the gradients and step (DeepSpeed's engine has stepped already); returns the gradient norm."
+    import torch
+    if engine is not None: return engine.get_global_grad_norm()
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float('inf'))
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    return gn
+
+def _mean_over_ranks(acc_loss, acc_tok, world, dev):
+    "The loss averaged and the tokens summed over the processes."
+    if world == 1: return acc_loss, acc_tok
+    import torch, torch.distributed as dist
+    t = torch.tensor([acc_loss, float(acc_tok)], device=dev if dev.startswith('cuda') else 'cpu'); dist.all_reduce(t)
+    return t[0].item() / world, int(t[1].item())
+
+
+# %% ../nbs/06_training_loop.ipynb
+def _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro_per_epoch, start_step):
+    n_tr, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    accum, bs = cfg.accumulative_counts, cfg.batch_size
+    log('info', f"{cfg.name}: {cfg.method} on {cfg.model}, {n} samples{' (packed)' if cfg.pack_to_max_length else ''}, "
+        f"{world} process(es), {'DeepSpeed ZeRO-%d' % zero_stage if cfg.deepspeed is not None else 'no DeepSpeed'}, trainable {n_tr:,} / {n_all:,} params. "
+        f"Counting optimizer steps: {total_steps} steps x {accum} micro-batches of {bs} (iter_N = N optimizer steps = "
+        f"N x {accum} XTuner iters, an XTuner 'iter' being one micro-batch)", step=start_step, total_steps=total_steps,
+        micro_per_epoch=micro_per_epoch, world_size=world)
+
+
+# %% ../nbs/06_training_loop.ipynb
+def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None, seed: int | None = None,
+          cfg_options: list[str] | None = None, progress: bool = True) -> TrainResult:
+    """Fine-tune as the config says, writing log.jsonl, loss_curve.png, eval/ and checkpoints/iter_N into `work_dir`.
+    `deepspeed`: 'zero1'|'zero2'|'zero3'|file.json; `resume`: 'auto' (newest checkpoint in work_dir) or a checkpoint folder."""
+    import torch
+    from tqdm.auto import tqdm
+    t_start = time.time()
+    cfg = load_config(cfg, cfg_options)
+    if deepspeed is not None: cfg.deepspeed = deepspeed
+    if seed is not None: cfg.seed = seed
+    validate_config(cfg)
+    work_dir = Path(work_dir); work_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = init_distributed(cfg.deepspeed is not None)
+    main = rank == 0
+    log = _Log(work_dir, main)
+    ckpt = _resume_point(resume, work_dir, log)
+    if ckpt is None and main and (work_dir / 'log.jsonl').exists(): (work_dir / 'log.jsonl').unlink()
+    seed_everything(cfg.seed)
+    cfg, model, tok, dev, ds, collate_fn = _model_and_data(cfg, work_dir)
+    n, accum = len(ds), cfg.accumulative_counts
+    micro_per_epoch, total_steps, total_micro = _step_counts(cfg, n, world)
+    params, opt, sched, engine, zero_stage, fwd = _optimizer(cfg, model, total_steps, world, dev)
     start_step, rng = 0, None
     if ckpt is not None:
         state, rng = _resume(ckpt, cfg, model, opt, sched, engine)
         start_step = int(state['step'])
         log.truncate(start_step)
         log('info', f"resumed from {ckpt} at step {start_step} (micro-batch {state['micro_step']})", step=start_step)
-    n_tr, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    log('info', f"{cfg.name}: {cfg.method} on {cfg.model}, {n} samples{' (packed)' if cfg.pack_to_max_length else ''}, "
-        f"{world} process(es), {'DeepSpeed ZeRO-%d' % zero_stage if use_ds else 'no DeepSpeed'}, trainable {n_tr:,} / {n_all:,} params. "
-        f"Counting optimizer steps: {total_steps} steps x {accum} micro-batches of {bs} (iter_N = N optimizer steps = "
-        f"N x {accum} XTuner iters, an XTuner 'iter' being one micro-batch)", step=start_step, total_steps=total_steps,
-        micro_per_epoch=micro_per_epoch, world_size=world)
-
-    def epoch_indices(ep):
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + ep)
-        perm = torch.randperm(n, generator=g).tolist()
-        return perm[rank::world][:per_rank][:micro_per_epoch * bs]
-
-    def micro_batches(m):
-        while m < total_micro:
-            ep, j = divmod(m, micro_per_epoch)
-            dl = DataLoader(ds, batch_size=bs, sampler=epoch_indices(ep)[j * bs:], collate_fn=collate_fn,
-                            num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed + ep))
-            for b in dl:
-                yield ep, m, b
-                m += 1
-                if m >= total_micro or m % micro_per_epoch == 0: break
-
+    _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro_per_epoch, start_step)
     evals, losses, ckpts = {}, [r['loss'] for r in read_log(work_dir)] if ckpt is not None else [], []
     if start_step == 0: evals[0] = _evaluate(cfg, model, tok, 0, work_dir, log, zero_stage == 3)
     if rng is not None: _set_rng_state(rng)
     model.train()
     step, acc_loss, acc_tok, t0 = start_step, 0.0, 0, time.time()
     bar = tqdm(total=total_steps, initial=start_step, desc='train (optimizer steps)', disable=not (main and progress), dynamic_ncols=True)
-    for ep, m, batch in micro_batches(start_step * accum):
+    for ep, m, batch in _micro_batches(ds, collate_fn, cfg, rank, world, start_step * accum, total_micro, micro_per_epoch):
         batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        out = fwd(**batch)
-        loss = out.loss
+        loss = fwd(**batch).loss
         if engine is not None: engine.backward(loss)
         else: (loss / accum).backward()
         acc_loss += loss.detach().float().item() / accum
         acc_tok += int(batch['input_ids'].numel()) if 'input_ids' in batch else 0
-        boundary = (m + 1) % accum == 0
         lr = opt.param_groups[0]['lr']   # the rate this optimizer step uses
         if engine is not None: engine.step()
-        if not boundary: continue
-        if engine is not None:
-            gn = engine.get_global_grad_norm()
-        else:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float('inf'))
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        if (m + 1) % accum: continue     # not the last micro-batch of an optimizer step
+        gn = _optimizer_step(cfg, params, opt, sched, engine)
         step += 1
-        if world > 1:
-            import torch.distributed as dist
-            t = torch.tensor([acc_loss, float(acc_tok)], device=dev if dev.startswith('cuda') else 'cpu'); dist.all_reduce(t)
-            acc_loss, acc_tok = t[0].item() / world, int(t[1].item())
+        acc_loss, acc_tok = _mean_over_ranks(acc_loss, acc_tok, world, dev)
         dt = time.time() - t0
-        rec = dict(step=step, micro_step=(m + 1), epoch=round((m + 1) / micro_per_epoch, 4), loss=round(acc_loss, 6),
-                   lr=lr, grad_norm=float(gn) if gn is not None else None, tokens_per_s=round(acc_tok / max(dt, 1e-9), 1),
-                   peak_mem=_peak_memory(), step_s=round(dt, 3))
+        log('train', step=step, micro_step=(m + 1), epoch=round((m + 1) / micro_per_epoch, 4), loss=round(acc_loss, 6),
+            lr=lr, grad_norm=float(gn) if gn is not None else None, tokens_per_s=round(acc_tok / max(dt, 1e-9), 1),
+            peak_mem=_peak_memory(), step_s=round(dt, 3))
         losses.append(acc_loss)
-        log('train', **rec)
         bar.update(1); bar.set_postfix(loss=f'{acc_loss:.3f}', lr=f'{lr:.2e}')
         _debug_kill('after_step', step)
         if step % cfg.evaluation_freq == 0 and step < total_steps: evals[step] = _evaluate(cfg, model, tok, step, work_dir, log, zero_stage == 3)
@@ -579,11 +613,11 @@ def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None
             if main: plot_log(work_dir)
         acc_loss, acc_tok, t0 = 0.0, 0, time.time()
     bar.close()
-    if step > start_step or start_step == total_steps:
-        evals[step] = _evaluate(cfg, model, tok, step, work_dir, log, zero_stage == 3)
+    if step > start_step or start_step == total_steps: evals[step] = _evaluate(cfg, model, tok, step, work_dir, log, zero_stage == 3)
     if main and read_log(work_dir): plot_log(work_dir)
     log('info', f"done: {step} optimizer steps in {time.time() - t_start:.0f} s; checkpoints in {work_dir / 'checkpoints'}", step=step)
     return TrainResult(work_dir, step, losses, ckpts, evals, time.time() - t_start, _unwrap(model), tok, cfg)
+
 
 # %% ../nbs/06_training_loop.ipynb #1b6c0925
 _TRAIN_EPILOG = """examples:
