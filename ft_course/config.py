@@ -33,7 +33,7 @@ class Config:
     model: str = _f('smollm2', "model to fine-tune: a zoo name (`smollm2`, `tiny-llama`), a local folder or a hub name (XTuner: `pretrained_model_name_or_path`)")
     method: str = _f('qlora', "'qlora' (4-bit NF4 base + LoRA), 'lora' (full-precision base + LoRA) or 'full' (every weight trained)")
     quant_backend: str = _f('bnb', "QLoRA's 4-bit layers: 'bnb' (bitsandbytes Linear4bit) or 'ft_course' (the course's own NF4 layers)")
-    fast: Any = _f(False, "ft_course's fast QLoRA path (`ft_course.fast`, lesson 12: Triton NF4 dequantization, fused layers, chunked loss, checkpoints offloaded to CPU): False, True, or a dict of `FastConfig` switches such as dict(checkpoint='layer'). Needs method='qlora', lora_dropout=0, LoRA on all linear layers, a Llama-family model")
+    fast: Any = _f(False, "ft_course's fast QLoRA path (`ft_course.fast`, lessons 16 and 16b: Triton NF4 dequantization, fused layers, chunked loss, checkpoints offloaded to CPU): False, True, or a dict of `FastConfig` switches such as dict(checkpoint='layer'). Needs method='qlora', lora_dropout=0, LoRA on all linear layers, a Llama-family model")
     double_quant: bool = _f(True, "QLoRA: quantize the absmax constants too (0.5 -> 0.127 bit/param)")
     lora_r: int = _f(64, "LoRA rank r (XTuner's default 64)")
     lora_alpha: float = _f(16, "LoRA alpha: the update is scaled by alpha/r (XTuner's default 16)")

@@ -62,7 +62,7 @@ def build_model(cfg: Config):
     "The default model builder: load, quantize (QLoRA), add LoRA (or unfreeze all for 'full'); returns (model, tokenizer)."
     model, tok = load_base_model(cfg)
     dtype = _torch_dtype(cfg)
-    if cfg.fast:   # lesson 12's path: NF4 + LoRA layers of its own and a fused forward; quantized on the device
+    if cfg.fast:   # lesson 16's path: NF4 + LoRA layers of its own and a fused forward; quantized on the device
         from ft_course.fast import patch_model, fast_config_from
         from ft_course.core import default_device
         try: patch_model(model, fast_config_from(cfg.fast, trainer=True), r=cfg.lora_r, alpha=cfg.lora_alpha,
@@ -485,7 +485,7 @@ def _step_counts(cfg, n, world):
     return micro_per_epoch, total_steps, total_steps * cfg.accumulative_counts
 
 
-# %% ../nbs/06_training_loop.ipynb
+# %% ../nbs/06_training_loop.ipynb #92ae5e47
 def _optimizer(cfg, model, total_steps, world, dev):
     "AdamW (or SGD) on the trainable parameters, warm-up then cosine; under DeepSpeed its engine, on several processes DDP."
     import torch
@@ -540,7 +540,7 @@ def _mean_over_ranks(acc_loss, acc_tok, world, dev):
     return t[0].item() / world, int(t[1].item())
 
 
-# %% ../nbs/06_training_loop.ipynb
+# %% ../nbs/06_training_loop.ipynb #3b60c0f7
 def _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro_per_epoch, start_step):
     n_tr, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     accum, bs = cfg.accumulative_counts, cfg.batch_size
@@ -551,7 +551,7 @@ def _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro
         micro_per_epoch=micro_per_epoch, world_size=world)
 
 
-# %% ../nbs/06_training_loop.ipynb
+# %% ../nbs/06_training_loop.ipynb #b42d9dc9
 def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None, seed: int | None = None,
           cfg_options: list[str] | None = None, progress: bool = True) -> TrainResult:
     """Fine-tune as the config says, writing log.jsonl, loss_curve.png, eval/ and checkpoints/iter_N into `work_dir`.
