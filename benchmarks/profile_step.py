@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py internlm2-1.8b 2048 8 [--out DIR]"""
 import argparse, json, sys
 import torch
-from ft_course.fast import FastConfig, build_fast_model, lora_groups, InBackwardAdamW
+from ft_course.kernels import FastConfig
+from ft_course.fast import build_fast_model, lora_groups, InBackwardAdamW
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__); ap.add_argument('shape'); ap.add_argument('seq', type=int); ap.add_argument('bs', type=int)

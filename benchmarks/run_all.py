@@ -64,7 +64,7 @@ def main(argv=None):
             emit([dict(kind='tests', rc=rc, seconds=round(dt))])
             continue
         if part == 'dequant':
-            rc, rows, _ = run([py, '-c', 'from ft_course.fast import bench_cli; bench_cli(["--dequant-only"])'], min(120, left()), log)
+            rc, rows, _ = run([py, '-c', 'from ft_course.bench import bench_cli; bench_cli(["--dequant-only"])'], min(120, left()), log)
             emit(rows, kind='dequant'); continue
         if part == 'agree':
             rc, rows, _ = run([py, os.path.join(HERE, 'agree.py')], min(240, left()), log)
@@ -75,9 +75,9 @@ def main(argv=None):
             if part == 'fast':   # the eager path (what `ft-course train` runs) and the whole step as one CUDA graph
                 cmd = [py, os.path.join(HERE, 'variants.py'), shape, str(seq), str(bs), '--variants', a.fast_variants]
             elif part == 'fast-lean-off':   # small-batch variant: checkpoints kept on the GPU, one AdamW after backward
-                cmd = [py, '-c', f'from ft_course.fast import bench_cli; bench_cli(["--shape","{shape}","--seq","{seq}","--bs","{bs}","--no-offload","--no-opt-in-backward","--steps","5","--warmup","2"])']
+                cmd = [py, '-c', f'from ft_course.bench import bench_cli; bench_cli(["--shape","{shape}","--seq","{seq}","--bs","{bs}","--no-offload","--no-opt-in-backward","--steps","5","--warmup","2"])']
             elif part == 'ablation':
-                cmd = [py, '-c', f'from ft_course.fast import bench_cli; bench_cli(["--shape","{shape}","--seq","{seq}","--bs","{bs}","--ablation","--steps","4","--warmup","1"])']
+                cmd = [py, '-c', f'from ft_course.bench import bench_cli; bench_cli(["--shape","{shape}","--seq","{seq}","--bs","{bs}","--ablation","--steps","4","--warmup","1"])']
             elif part == 'unsloth':
                 cmd = [py, os.path.join(HERE, 'peers', 'peer_unsloth.py'), PEER_NAME[shape], str(seq), str(bs)]
             elif part == 'hf':

@@ -4,7 +4,8 @@
 
 Prints one JSON line per variant (a variant that fails prints its error instead of stopping the others)."""
 import argparse, json, sys, traceback
-from ft_course.fast import FastConfig, bench_fast
+from ft_course.kernels import FastConfig
+from ft_course.bench import bench_fast
 
 VARIANTS = {
     'no-prefetch': FastConfig(prefetch=False),                       # run 1's configuration

@@ -14,7 +14,7 @@ __all__ = ['TEMPLATES', 'ROLES', 'ChatTemplate', 'register_template', 'get_templ
            'TemplateCheck', 'check_template', 'DataError', 'detect_format', 'normalise_record', 'iter_raw',
            'iter_records', 'read_records', 'load_records_hf', 'encode_record', 'html_tokens', 'show_tokens',
            'masked_text', 'pack_samples', 'packed_attention_mask', 'collate', 'SFTDataset', 'DatasetReport',
-           'check_dataset', 'check_dataset_cli', 'log_dataset_cli']
+           'check_dataset', 'check_dataset_cli']
 
 # %% ../nbs/04_data.ipynb #05e1a454
 @dataclass(frozen=True)
@@ -462,49 +462,3 @@ def check_dataset_cli(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e: return _err_exit(e)
     print(rep.summary(a.max_problems))
     return 0 if rep.ok else 1
-
-def _config_data(path):
-    "(data_path, template, max_length, model) from a training config via `ft_course.train.load_config`, if available"
-    try: from ft_course import train
-    except ImportError: train = None
-    if train is None or not hasattr(train, 'load_config'):
-        raise ValueError(f"{path}: reading a training config needs ft_course.train.load_config; pass a data file instead")
-    cfg = train.load_config(path)
-    get = lambda *ks: next((cfg[k] if isinstance(cfg, dict) else getattr(cfg, k) for k in ks
-                            if (k in cfg if isinstance(cfg, dict) else hasattr(cfg, k))), None)
-    data = get('data_path', 'data_files', 'dataset')
-    if data is None: raise ValueError(f"{path}: the config has no data_path")
-    return (data, get('prompt_template', 'template'), get('max_length'), get('model', 'pretrained_model_name_or_path', 'model_name'),
-            bool(get('pack_to_max_length')))
-
-def log_dataset_cli(argv=None) -> int:
-    "`ft-course log-dataset`: print what the model is fed for the first samples of a data file or config"
-    p = argparse.ArgumentParser(prog='ft-course log-dataset', description='Show samples as the model sees them.',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n  ft-course log-dataset data/self_cognition.jsonl --show masked_text\n'
-               '  ft-course log-dataset my_config.py --show labels -n 2')
-    p.add_argument('source', help='a data file (.json/.jsonl) or a training config')
-    p.add_argument('--show', choices=['text', 'masked_text', 'input_ids', 'labels'], default='masked_text')
-    p.add_argument('--template', default=None, help=f"chat template ({', '.join(TEMPLATES)}); default: config's or chatml")
-    p.add_argument('--tokenizer', default=None, help="model name or path for the tokenizer; default: config's or smollm2")
-    p.add_argument('--max-length', type=int, default=None, help="truncate to this many tokens; default: config's or 2048")
-    p.add_argument('-n', type=int, default=1, help='number of samples to show (default 1)')
-    p.add_argument('--pack', action='store_true', help="show packed sequences instead of single samples (default: the config's pack_to_max_length)")
-    p.add_argument('--color', action='store_true', help='colour trained (green) and masked (grey) text')
-    a = p.parse_args(argv)
-    try:
-        src, tmpl, ml, model, pack = a.source, None, None, None, False
-        if Path(src).suffix not in ('.json', '.jsonl'): src, tmpl, ml, model, pack = _config_data(src)
-        tmpl, ml, model = a.template or tmpl or 'chatml', a.max_length or ml or 2048, a.tokenizer or model or 'smollm2'
-        get_template(tmpl)
-        from ft_course.models import load_tokenizer
-        tk = load_tokenizer(model)
-        ds = SFTDataset(src, tk, tmpl, ml, pack=a.pack or pack)
-    except (FileNotFoundError, ValueError) as e: return _err_exit(e)
-    for i in range(min(a.n, len(ds))):
-        it = ds[i]
-        print(f"=== sample {i} ({len(it['input_ids'])} tokens, {sum(l != -100 for l in it['labels'])} trained) ===")
-        if a.show == 'text': print(tk.decode(it['input_ids']))
-        elif a.show == 'masked_text': print(masked_text(it['input_ids'], it['labels'], tk, a.color))
-        else: print(it[a.show])
-    return 0

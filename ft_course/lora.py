@@ -89,6 +89,7 @@ def _is_quantized(layer) -> bool:
 def _check_rank(r):
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0: raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
 
+# %% ../nbs/02_lora.ipynb #eae1257a
 class LoRALinear(nn.Module):
     "`base(x) + scaling * lora_B(lora_A(dropout(x)))` with `scaling = alpha/r` (`alpha/sqrt(r)` with `use_rslora`)."
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -298,6 +299,7 @@ def read_adapter_config(folder) -> LoRAConfig:
 
 def _most_common(xs): return max(set(xs), key=xs.count)
 
+# %% ../nbs/02_lora.ipynb #61a26562
 def adapter_config(model, base_model_name_or_path: str | None = None) -> dict:
     "The peft `adapter_config.json` content describing the adapters in `model` (layers off the common r/alpha go to rank/alpha_pattern)."
     layers = list(lora_layers(model))
@@ -342,6 +344,7 @@ def _read_adapter_tensors(folder):
     if bn.exists(): return torch.load(bn, map_location='cpu', weights_only=True), bn
     raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin) in this folder")
 
+# %% ../nbs/02_lora.ipynb #8296343a
 def load_adapter(model, folder):
     "Load a LoRA adapter written by `save_adapter` or by peft into `model` (wrapping layers not wrapped yet); returns `model`."
     cfg = read_adapter_config(folder)

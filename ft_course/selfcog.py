@@ -10,7 +10,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['LESSON_PROMPTS', 'QUESTIONS', 'EVAL_QUESTIONS', 'ANSWERS', 'GENERAL_PROBE', 'FICTION_FACTS', 'FICTION_QA',
            'eval_questions', 'write_jsonl', 'make_self_cognition', 'identity_score', 'general_correct',
-           'fiction_correct', 'make_fictional_corpus', 'generate_batch', 'probe_model', 'data_cli']
+           'fiction_correct', 'make_fictional_corpus', 'generate_batch', 'probe_model', 'data_cli', 'probe_prompts',
+           'score_answers', 'side_by_side']
 
 # %% ../nbs/05_self_cognition.ipynb #4e3ceacb
 LESSON_PROMPTS = ['请你介绍一下你自己', '你是谁', '你是我的小助手吗', 'Please introduce yourself']
@@ -236,3 +237,29 @@ def data_cli(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
     return 0
+
+# %% ../nbs/05_self_cognition.ipynb #399164a6
+def probe_prompts(lang='en') -> list[str]:
+    "Held-out identity questions followed by the general-knowledge probe (what the quickstart and the drift study ask)."
+    return eval_questions(lang) + [q for q, _ in GENERAL_PROBE]
+
+def score_answers(prompts, answers, name, author=None, base_correct=None) -> dict:
+    "Identity rate on the identity questions, general-probe correctness, and retention of the base model's correct answers."
+    probe = {q for q, _ in GENERAL_PROBE}
+    ident = [identity_score(a, name, author) for p, a in zip(prompts, answers) if p not in probe]
+    gen = {p: general_correct(p, a) for p, a in zip(prompts, answers) if p in probe}
+    out = dict(identity=sum(ident) / max(1, len(ident)), n_identity=len(ident), general=sum(gen.values()) / max(1, len(gen)),
+               general_correct=gen)
+    if base_correct is not None:
+        kept = [gen[q] for q, ok in base_correct.items() if ok and q in gen]
+        out['retention'] = sum(kept) / max(1, len(kept))
+    return out
+
+def side_by_side(prompts, before, after, width=48) -> str:
+    "A text table: prompt | answer before | answer after."
+    import textwrap
+    cut = lambda s: textwrap.shorten(s.replace('\n', ' '), width, placeholder='...') if s else '(empty)'
+    rows = [f"{'prompt':<44} | {'before':<{width}} | after", '-' * (44 + 2 * width + 6)]
+    rows += [f"{cut(p)[:44]:<44} | {cut(b):<{width}} | {cut(a)}" for p, b, a in zip(prompts, before, after)]
+    return '\n'.join(rows)
+

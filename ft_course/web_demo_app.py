@@ -1,4 +1,4 @@
-"""The streamlit page behind `ft-course web-demo` (package data, not an nbdev module; see nbs/08_chat.ipynb).
+"""The streamlit page behind `ft-course web-demo` (package data, not an nbdev module; see nbs/11_chat.ipynb).
 
 Run through `ft-course web-demo MODEL [--adapter DIR] [--port P]`, which calls
 `streamlit run web_demo_app.py -- MODEL ...` bound to 127.0.0.1. Streamlit re-runs this file top to bottom on

@@ -4,7 +4,7 @@ import pytest
 import torch
 from ft_course.data import (TEMPLATES, ChatTemplate, get_template, render_chat, check_template, read_records,
     load_records_hf, encode_record, pack_samples, packed_attention_mask, collate, SFTDataset, check_dataset,
-    check_dataset_cli, log_dataset_cli, DataError, normalise_record)
+    check_dataset_cli, DataError, normalise_record)
 
 
 @pytest.fixture(scope='module')
@@ -226,6 +226,7 @@ def test_check_dataset_lists_every_bad_line(tmp_path, capsys):
 
 
 def test_log_dataset_cli(tmp_path, capsys):
+    from ft_course.config import log_dataset_cli   # it reads training configs too: it lives with them
     f = write(tmp_path/'x.jsonl', [dict(messages=CONV)])
     assert log_dataset_cli([str(f), '--show', 'masked_text']) == 0
     out = capsys.readouterr().out
@@ -236,6 +237,7 @@ def test_log_dataset_cli(tmp_path, capsys):
 
 
 def test_log_dataset_reads_a_training_config(tmp_path, capsys):
+    from ft_course.config import log_dataset_cli
     train = pytest.importorskip('ft_course.train')
     if not hasattr(train, 'load_config'): pytest.skip('ft_course.train has no load_config yet')
     f = write(tmp_path/'x.jsonl', [dict(messages=CONV)] * 3)

@@ -2,7 +2,10 @@
 CPU interpreter where Triton is installed, and on CUDA against bitsandbytes / eager PyTorch (skipped without CUDA)."""
 import os, subprocess, sys, textwrap
 import pytest, torch
-from ft_course import fast as F
+from types import SimpleNamespace
+from ft_course import kernels, fast, bench
+# the fast path's three modules (kernels, patched model, benchmark) under one name
+F = SimpleNamespace(**{k: v for m in (kernels, fast, bench) for k, v in vars(m).items() if not k.startswith('__')})
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 try:
@@ -86,7 +89,7 @@ def test_patched_tiny_model_matches_peft_bnb():
     for k in sd_ref: assert torch.allclose(sd_ref[k].float(), sd_fast[k].float(), atol=1e-4), k
 
 INTERP = textwrap.dedent('''
-    import torch; from ft_course import fast as F
+    import torch; from ft_course import kernels as F
     torch.manual_seed(0)
     for dq in (True, False):
         w = F.NF4Weight.quantize(torch.randn(64, 320) * 0.03, double_quant=dq)

@@ -6,7 +6,8 @@ import torch
 
 from ft_course.llava import (IMAGE_TOKEN_INDEX, IGNORE_INDEX, ImageProcessor, VisionTower, Projector, LlavaModel,
                              effnet_lite0, splice_image_embeds, tokenize_conversation, build_llava, add_llm_lora,
-                             save_llava, load_llava, llava_generate, llava_settings, build_dataset, load_trainable)
+                             save_llava, load_llava, llava_generate, llava_settings, load_trainable)
+from ft_course.llava_data import build_dataset
 from ft_course.llava_data import (make_shapes_dataset, COLOURS, BACKGROUNDS, questions, random_scene, repeated_conversations,
                                   LlavaDataset, qa_messages, text_only_conversations, caption_score, real_photo)
 

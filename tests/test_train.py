@@ -2,8 +2,8 @@
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
-from ft_course.train import (Config, ConfigError, load_config, validate_config, list_configs, copy_config, latest_checkpoint,
-                             read_checkpoint, lr_lambda, train_cli, copy_cfg_cli, list_cfg_cli, config_source)
+from ft_course.train import (Config, ConfigError, load_config, latest_checkpoint, read_checkpoint, lr_lambda, train_cli, config_source)
+from ft_course.config import validate_config, list_configs, copy_config, copy_cfg_cli, list_cfg_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,3 +135,11 @@ def test_plot_log_keeps_the_callers_backend(tmp_path):
         assert matplotlib.get_backend() == 'svg'
     finally: matplotlib.use(before)
     assert Image.open(out).format == 'PNG' and Image.open(out).size[0] > 300
+
+def test_moved_hooks_keep_their_old_names():
+    "Configs (and checkpoints' config.py) written before a hook moved still name its old place."
+    from ft_course.train import _import_obj, MOVED_HOOKS
+    from ft_course import llava_data
+    assert _import_obj('ft_course.llava:build_dataset') is llava_data.build_dataset
+    for old, new in MOVED_HOOKS.items(): assert _import_obj(old) is _import_obj(new)
+    with pytest.raises(ConfigError, match='no_such_hook'): _import_obj('ft_course.llava:no_such_hook')

@@ -15,7 +15,7 @@ config = Config(
     lora_r=64, lora_alpha=128, lora_dropout=0.05,  # LLaVA-1.5's LoRA recipe is r=128, alpha=256; r=64 is plenty for a 135M LLM
     lora_target_modules='all-linear',
     model_builder='ft_course.llava:build_model',
-    dataset_builder='ft_course.llava:build_dataset',
+    dataset_builder='ft_course.llava_data:build_dataset',
     data_generator=dict(kind='llava', stage='finetune', vision_tower='effnet-lite0-ms', image_size=224,
                         n_images=2000, seed=1, photos=['coffee'], repeats=200, max_turns=4,
                         pretrained_pth='work_dirs/llava_pretrain/checkpoints/iter_125'),

@@ -9,7 +9,7 @@ config = Config(
     model='smollm2',
     method='qlora' if has_cuda() else 'lora',   # the frozen LLM in 4-bit NF4 on a GPU; full precision on CPU (4-bit is slow there)
     model_builder='ft_course.llava:build_model',
-    dataset_builder='ft_course.llava:build_dataset',
+    dataset_builder='ft_course.llava_data:build_dataset',
     # the LLaVA settings live in data_generator (the trainer's Config has no LLaVA fields); see ft_course.llava.LLAVA_DEFAULTS
     data_generator=dict(kind='llava', stage='pretrain', vision_tower='effnet-lite0-ms', image_size=224,
                         n_images=2000, seed=0, photos=['coffee', 'rocket', 'chelsea', 'astronaut', 'grace_hopper']),
