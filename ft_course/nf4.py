@@ -15,7 +15,7 @@ from torch import nn, Tensor
 __all__ = ['NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'CODES', 'make_nf4_code', 'quantize_4bit_generic', 'dequantize_4bit_generic',
            'fake_quantize', 'pack_4bit', 'unpack_4bit', 'make_dynamic_map', 'BlockwiseState', 'quantize_blockwise_8bit',
            'dequantize_blockwise_8bit', 'NF4State', 'quantize_nf4', 'dequantize_nf4', 'LinearNF4', 'quantize_model',
-           'model_bytes', 'doc_text', 'perplexity', 'fake_quantize_model_', 'qlora_memory_budget']
+           'model_bytes', 'bnb_linear4bit', 'doc_text', 'perplexity', 'fake_quantize_model_', 'qlora_memory_budget']
 
 # %% ../nbs/03_nf4.ipynb #fdf1cbd8
 NF4_CODE = torch.tensor([
@@ -332,6 +332,18 @@ def model_bytes(model: nn.Module) -> int:
         if t.data_ptr() in seen: continue
         seen.add(t.data_ptr()); total += t.numel() * t.element_size()
     return total
+
+# %% ../nbs/03_nf4.ipynb #0388e7dd
+def bnb_linear4bit(linear: nn.Linear, compute_dtype=None, double_quant: bool = True):
+    "bitsandbytes' NF4 `Linear4bit` holding `linear`'s weight, kept off the CPU inference repacking that has no backward."
+    import bitsandbytes as bnb
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                          compress_statistics=double_quant, quant_type='nf4', device='meta')
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to('cpu', torch.float32).contiguous(), requires_grad=False,
+                                 quant_type='nf4', compress_statistics=double_quant)
+    if linear.bias is not None: q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    q.support_avx512bf16_for_cpu = False      # bnb 0.50: an eval pass on CPU would repack the weight for gemv_4bit, which has no backward
+    return q.to(linear.weight.device)
 
 # %% ../nbs/03_nf4.ipynb #855825c6
 def doc_text() -> str:

@@ -36,19 +36,14 @@ def _torch_dtype(cfg):
     return as_dtype(cfg.dtype)
 
 def _bnb_quantize(model, compute_dtype, double_quant=True, skip=('lm_head',)):
-    "Replace every linear layer (but `skip`) by bitsandbytes' NF4 `Linear4bit`, in place."
-    import torch, bitsandbytes as bnb
+    "Replace every linear layer (but `skip`) by bitsandbytes' NF4 `Linear4bit` (`ft_course.nf4.bnb_linear4bit`), in place."
+    import torch
+    from ft_course.nf4 import bnb_linear4bit
     out_emb = model.get_output_embeddings()
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if type(child) is not torch.nn.Linear or child is out_emb or cname in skip: continue
-            dev = child.weight.device
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type='nf4', device='meta')
-            q.weight = bnb.nn.Params4bit(child.weight.data.to('cpu', torch.float32).contiguous(), requires_grad=False,
-                                         quant_type='nf4', compress_statistics=double_quant)
-            if child.bias is not None: q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(mod, cname, q.to(dev))
+            setattr(mod, cname, bnb_linear4bit(child, compute_dtype, double_quant))
     return model
 
 def load_base_model(cfg):

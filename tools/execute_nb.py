@@ -1,0 +1,32 @@
+"""Execute a notebook in place, the way a learner runs it, storing every cell's outputs; cells flagged with a directive
+listed in settings.ini's tst_flags (gpu, slow, multigpu, notest) are skipped unless named with --flags, as nbdev_test does.
+
+    FT_COURSE_SIZE=laptop python tools/execute_nb.py nbs/03_nf4.ipynb [--flags slow]
+"""
+import argparse, configparser, os, sys, time
+from pathlib import Path
+from execnb.nbio import read_nb, write_nb
+from execnb.shell import CaptureShell
+from nbdev.process import first_code_ln, extract_directives
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('notebook'); ap.add_argument('--flags', default='', help='space-separated flags to run too')
+    a = ap.parse_args(argv)
+    ini = configparser.ConfigParser(); ini.read(Path(__file__).resolve().parents[1] / 'settings.ini')
+    skip = set(ini['DEFAULT'].get('tst_flags', '').split()) - set(a.flags.split())
+    path = Path(a.notebook).resolve()
+    nb = read_nb(path)
+    def preproc(cell):
+        if cell.cell_type != 'code': return False
+        d = extract_directives(cell, remove=False)
+        if skip & set(d) or 'eval:' in d and str(d['eval:'][0]).lower() == 'false': return True
+        return False
+    os.chdir(path.parent)
+    t0 = time.time()
+    CaptureShell(path).run_all(nb, exc_stop=True, preproc=preproc)
+    write_nb(nb, path)
+    print(f"{path.name}: executed in {time.time() - t0:.0f} s (size {os.environ.get('FT_COURSE_SIZE', 'default')}), skipped flags: {' '.join(sorted(skip))}")
+
+if __name__ == '__main__':
+    sys.exit(main())
