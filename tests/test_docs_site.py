@@ -30,6 +30,8 @@ if (maths.length === 0) out.push('no maths on the page');
 for (const m of maths) if (!m.querySelector(done))
     out.push('maths not typeset: ' + m.textContent.slice(0, 80));
 for (const img of document.images) if (!(img.complete && img.naturalWidth > 0)) out.push('image not loaded: ' + img.src);
+for (const e of document.querySelectorAll('script[src], link[rel=stylesheet], img'))
+    if (!(e.src || e.href).startsWith(location.origin + '/') && !(e.src || e.href).startsWith('file:')) out.push('loaded from the network: ' + (e.src || e.href));
 const wide = document.documentElement.scrollWidth - document.documentElement.clientWidth;
 if (wide > 2) out.push('the page scrolls sideways by ' + wide + 'px');
 return [out, typeset.length];
