@@ -119,7 +119,9 @@ def test_search_finds_lora(site, driver):
     from selenium.webdriver.support.ui import WebDriverWait
     out, base = site
     driver.get(base + 'search.html?q=lora_A')
-    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#search-results ul.search li a'))
+    # Sphinx adds the hits one by one, then writes its summary ('Search finished, found N pages ...')
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+        "const s = document.querySelector('#search-results .search-summary'); return s && s.innerText.length > 0"))
     hits = [urllib.parse.urlparse(a.get_attribute('href')).path for a in driver.find_elements(By.CSS_SELECTOR, '#search-results ul.search li a')]
     assert '/02_lora.html' in hits, hits
 
@@ -130,6 +132,7 @@ def test_checks_can_fail(site, driver, tmp_path):
     from ft_course.docs import build_docs
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell('# Broken\n\nInline $h = W_0 x$ and\n\n$$\\Delta W = BA$$\n\nraw `x`{target="_blank"} text: source{target="_blank" style="float:right"}')])
     nb.cells.append(nbformat.v4.new_markdown_cell('An image that is not there: <img src="nothere.png">'))
+    nb.cells.append(nbformat.v4.new_code_cell('x', outputs=[nbformat.v4.new_output('display_data', {'text/html': '<p>maths nobody typesets: $x = 1$</p>'})]))
     (tmp_path / 'nbs').mkdir()
     nbformat.write(nb, tmp_path / 'nbs' / '01_broken.ipynb')
     out = build_docs(tmp_path / 'nbs', tmp_path / 'site', readme=None, process=False, math=False)
@@ -137,4 +140,5 @@ def test_checks_can_fail(site, driver, tmp_path):
     assert typeset == 0
     assert any(p.startswith('maths not typeset') for p in problems), problems
     assert any('{target=' in p for p in problems), problems
+    assert 'raw text on the page: $x = 1$' in problems, problems
     assert any(p.startswith('image not loaded') for p in problems), problems
