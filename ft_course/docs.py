@@ -118,7 +118,9 @@ def _link_fix(text: str, ext: str, prefix: str = '') -> str:
     return re.sub(r'(\]\(|href=")(?!https?:)([\w./-]+?)\.ipynb', lambda m: f"{m.group(1)}{prefix}{m.group(2)}{ext}", text)
 
 def clean_outputs(nb, pages: dict[str, str], doc_url: str, lib: str = 'ft_course'):
-    "`show_doc` outputs become HTML API entries, links in markdown cells and markdown outputs point at this site."
+    """`show_doc` outputs become HTML API entries, links in markdown cells and markdown outputs point at this site.
+    nbdev adds the `show_doc` cells of one exported cell last name first: each run of entries goes back in source order."""
+    line = {}
     for c in nb.cells:
         if c.cell_type == 'markdown': c.source = site_links(c.source, pages, doc_url)
         for o in c.get('outputs', []):
@@ -127,6 +129,13 @@ def clean_outputs(nb, pages: dict[str, str], doc_url: str, lib: str = 'ft_course
             md = ''.join(md) if isinstance(md, list) else md
             entry = show_doc_entry(md, lib) if '{target=' in md else None
             o['data'] = {'text/html': entry} if entry else {**o['data'], 'text/markdown': site_links(md, pages, doc_url)}
+            if entry and len(c.outputs) == 1: line[id(c)] = int((re.search(r'\.py#L(\d+)\)', md) or [0, 0])[1])
+    cells, run = [], []
+    for c in nb.cells + [None]:
+        if c is not None and id(c) in line: run.append(c); continue
+        cells += sorted(run, key=lambda x: line[id(x)]); run = []
+        if c is not None: cells.append(c)
+    nb.cells = cells
     return nb
 
 # %% ../nbs/91_docs.ipynb #acc12dc5
