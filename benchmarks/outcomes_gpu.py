@@ -23,15 +23,16 @@ from pathlib import Path
 
 DEV_SEED = 777
 
-def _variant(pretrain=None, **finetune):
+def _variant(pretrain=None, base='gpu', **finetune):
     from ft_course.llava_data import RECIPES
-    g = RECIPES['gpu']
+    g = RECIPES[base]
     return dict(pretrain={**g['pretrain'], **(pretrain or {})}, finetune={**g['finetune'], **finetune})
 
-LLAVA = {   # stage settings for train_llava; 'gpu' is RECIPES['gpu'] as it stands
+LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES as they stand
     'llava-gpu': lambda: _variant(),
     'llava-b128': lambda: _variant(n_images=24000, batch_size=128, max_steps=450),
-    'llava-b128-px128': lambda: _variant(dict(image_size=128), image_size=128, n_images=24000, batch_size=128, max_steps=450),
+    # run of 2026-12-01 as 'llava-b128-px128' (best on dev): now RECIPES['gpu128']
+    'llava-gpu128': lambda: _variant(base='gpu128'),
     'smoke-llava': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3),
 }
 DRIFT = {   # self-cognition generator settings; save_steps chosen for ~15 checkpoints a run

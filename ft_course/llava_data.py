@@ -269,6 +269,9 @@ RECIPES = {
     # measured on one H200 (benchmarks/llava_gpu.py, recipe 'g96-a' there): synthetic scenes only (no photo conversations)
     'gpu': dict(pretrain=dict(image_size=96, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
                 finetune=dict(image_size=96, n_images=12000, batch_size=32, max_steps=900, lr=1e-3, seed=1, lora_r=16, lora_alpha=32, photos=[])),
+    # chosen on a dev split among 'gpu' and two variants (benchmarks/outcomes_gpu.py; notebook 15): 128 px = 16 visual tokens, stage 2 in batches of 128
+    'gpu128': dict(pretrain=dict(image_size=128, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
+                   finetune=dict(image_size=128, n_images=24000, batch_size=128, max_steps=450, lr=1e-3, seed=1, lora_r=16, lora_alpha=32, photos=[])),
 }
 
 def recipe(stage: str, name: str | None = None) -> dict:

@@ -2,6 +2,10 @@
 listed in settings.ini's tst_flags (gpu, slow, multigpu, notest) are skipped unless named with --flags, as nbdev_test does.
 
     FT_COURSE_SIZE=laptop python tools/execute_nb.py nbs/03_nf4.ipynb [--flags slow]
+    python tools/execute_nb.py nbs/15_llava_finetune.ipynb --only ID [ID ...]
+
+`--only` runs the notebook's set-up (exported cells and cells that only import or define) and then just the cells with
+those ids, keeping every other cell's stored outputs: for cells that read committed records.
 """
 import argparse, configparser, os, sys, time
 from pathlib import Path
@@ -9,9 +13,18 @@ from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
 from nbdev.process import first_code_ln, extract_directives
 
+def _setup(cell, d) -> bool:
+    "An exported cell, or one whose statements are all imports, definitions or assignments of constants."
+    import ast
+    if 'export' in d or 'exports' in d: return True
+    try: tree = ast.parse('\n'.join(l for l in cell.source.splitlines() if not l.lstrip().startswith(('#', '%', '!'))))
+    except SyntaxError: return False
+    return all(isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)) for n in tree.body)
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('notebook'); ap.add_argument('--flags', default='', help='space-separated flags to run too')
+    ap.add_argument('--only', nargs='*', default=None, help='cell ids to run (with the set-up cells)')
     a = ap.parse_args(argv)
     ini = configparser.ConfigParser(); ini.read(Path(__file__).resolve().parents[1] / 'settings.ini')
     skip = set(ini['DEFAULT'].get('tst_flags', '').split()) - set(a.flags.split())
@@ -21,10 +34,16 @@ def main(argv=None):
         if cell.cell_type != 'code': return False
         d = extract_directives(cell, remove=False)
         if skip & set(d) or 'eval:' in d and str(d['eval:'][0]).lower() == 'false': return True
+        if a.only is not None and cell.get('id') not in a.only: return not _setup(cell, d)
         return False
     os.chdir(path.parent)
     t0 = time.time()
+    if a.only is not None:
+        keep = {c.get('id'): c.get('outputs') for c in nb.cells if c.cell_type == 'code' and c.get('id') not in a.only}
     CaptureShell(path).run_all(nb, exc_stop=True, preproc=preproc)
+    if a.only is not None:
+        for c in nb.cells:
+            if c.get('id') in keep: c['outputs'] = keep[c['id']]
     write_nb(nb, path)
     print(f"{path.name}: executed in {time.time() - t0:.0f} s (size {os.environ.get('FT_COURSE_SIZE', 'default')}), skipped flags: {' '.join(sorted(skip))}")
 
