@@ -313,6 +313,7 @@ class LinearNF4(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
 
+# %% ../nbs/03_nf4.ipynb #9802a910
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True, skip=("lm_head",),
                    compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     "Replace every `nn.Linear` of `model` (except modules named in `skip`) by `LinearNF4`, in place; returns `model`."
