@@ -156,7 +156,10 @@ def load_chat_model(model, adapter=None, bits: int | None = None, device=None, d
         adapter = Path(adapter)
         if not (adapter / 'adapter_config.json').exists():
             raise FileNotFoundError(f"{adapter}: no adapter_config.json; expected a peft adapter folder (ft-course convert pth_to_hf)")
-        m = PeftModel.from_pretrained(m, str(adapter)).eval()
+        try: m = PeftModel.from_pretrained(m, str(adapter)).eval()
+        except RuntimeError as e:   # e.g. size mismatch: the adapter was trained on another model
+            first = next((l.strip() for l in str(e).splitlines() if 'size mismatch' in l), str(e).splitlines()[0] if str(e) else '')
+            raise ValueError(f"{adapter}: this adapter does not fit {model} ({first[:300]})") from None
         info = read_template_info(adapter)
     src = resolve_model(model)
     info = info or (read_template_info(src) if Path(src).is_dir() else None) or {}
@@ -242,10 +245,19 @@ def _llava_session(args, **kw):
     "The `chat_session` of a LLaVA folder (`--llava`), with `--image` in the first turn."
     return chat_session(args.llava, image=args.image, model=args.model, **kw)
 
+def _check_sampling(args) -> str | None:
+    "What is wrong with the sampling arguments (None: nothing). temperature 0 means greedy; top_p in (0, 1]."
+    if args.max_new_tokens < 1: return f"--max-new-tokens {args.max_new_tokens}: expected at least 1"
+    if not args.temperature >= 0: return f"--temperature {args.temperature}: expected 0 (greedy) or a positive number"
+    if not 0 < args.top_p <= 1: return f"--top-p {args.top_p}: expected a number in (0, 1] (1 = no nucleus cut)"
+    return None
+
 def chat_cli(argv=None) -> int:
     "`ft-course chat MODEL [--adapter DIR] ...`: interactive on a terminal; one prompt per line from a pipe."
     args = chat_parser().parse_args(argv)
     if args.image and not args.llava: print("ft-course chat: error: --image needs --llava FOLDER", file=sys.stderr); return 2
+    bad = _check_sampling(args)
+    if bad: print(f"ft-course chat: error: {bad}", file=sys.stderr); return 2
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         if args.llava: sess = _llava_session(args, system=args.system, **gen)
@@ -259,6 +271,11 @@ def chat_cli(argv=None) -> int:
     while True:
         try: line = input('>>> ' if tty else '')
         except EOFError: break
+        except UnicodeDecodeError as e:
+            print(f"ft-course chat: error: stdin is not valid UTF-8 (byte {e.object[e.start:e.start + 1]!r} at position {e.start})", file=sys.stderr); return 2
+        try: line.encode('utf-8')   # under a C locale Python reads stdin with surrogateescape: bad bytes become surrogates
+        except UnicodeEncodeError as e:
+            print(f"ft-course chat: error: stdin is not valid UTF-8 (line {line[:40]!r}...)".encode('utf-8', 'backslashreplace').decode(), file=sys.stderr); return 2
         except KeyboardInterrupt: print(); break
         line = line.strip()
         if not line: continue

@@ -74,3 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ft-course {name}: error: {msg}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print(f"\nft-course {name}: interrupted", file=sys.stderr); return 130
+    except BrokenPipeError:   # `ft-course list-cfg | head -1`: the reader left; Python docs' recipe, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

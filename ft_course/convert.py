@@ -67,19 +67,30 @@ def nf4_roundtrip_(model, blocksize: int = 64, double_quant: bool = True) -> int
     return n
 
 # %% ../nbs/09_convert_merge.ipynb #7e0c93f1
-def _read_checkpoint(checkpoint):
+def _read_checkpoint(checkpoint, load_config: bool = False):
     "(trainable state dict, trainer_state dict, config or None) of a training checkpoint folder."
     checkpoint = Path(checkpoint)
     if not checkpoint.exists(): raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    try: from ft_course.train import read_checkpoint
-    except ImportError: read_checkpoint = None
-    if read_checkpoint is not None: return read_checkpoint(checkpoint)
-    from safetensors.torch import load_file   # the same format, read without ft_course.train
+    from safetensors.torch import load_file   # read directly: CHECKPOINT/config.py is Python and runs only when asked for
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     f = folder / 'trainable.safetensors'
     if not f.exists(): raise FileNotFoundError(f"{folder}: no trainable.safetensors; expected a checkpoint folder written by `ft-course train`")
+    try: sd = load_file(str(f))
+    except Exception as e: raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint is damaged") from None
     st = folder / 'trainer_state.json'
-    return load_file(str(f)), (json.loads(st.read_text()) if st.exists() else {}), None
+    try: state = json.loads(st.read_text()) if st.exists() else {}
+    except ValueError as e: raise ValueError(f"{st}: not valid JSON ({e})") from None
+    cfg = None
+    if load_config and (folder / 'config.py').is_file(): cfg = _load_config(folder / 'config.py')
+    return sd, state, cfg
+
+def _refuse_inside(out, *inputs):
+    "Refuse an output folder that is, or lies inside, one of the inputs (`--force` would overwrite the input)."
+    o = Path(out).resolve()
+    for i in inputs:
+        if i is None or not Path(str(i)).exists(): continue
+        p = Path(str(i)).resolve()
+        if o == p or p in o.parents: raise ValueError(f"output {out} is {'the same as' if o == p else 'inside'} the input {i}: choose another OUT")
 
 def _load_config(config):
     "A config object from a Config, a path or a built-in name (through `ft_course.train.load_config`)."
@@ -196,7 +207,8 @@ def pth_to_hf(config, checkpoint, out, force: bool = False, extra_state=None) ->
     from ft_course.models import load_tokenizer
     out = Path(out)
     if out.exists() and not force: raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    sd, state, ckpt_cfg = _read_checkpoint(checkpoint)
+    _refuse_inside(out, checkpoint)
+    sd, state, ckpt_cfg = _read_checkpoint(checkpoint, load_config=config is None)   # a given config is the only one run
     cfg = _load_config(config) if config is not None else ckpt_cfg
     if cfg is None: raise ValueError(f"no config given and {checkpoint} holds none")
     if str(_get(cfg, 'model_builder') or '').startswith('ft_course.llava:'):   # LLaVA: projector + LLM adapter, by the LLaVA lesson
@@ -298,6 +310,7 @@ def merge(base, adapter, out, dtype='bf16', device='cpu', force: bool = False, b
     out, adapter = Path(out), Path(adapter)
     if out.exists() and not force: raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     if base_weights not in ('auto', 'original', 'nf4'): raise ValueError(f"base_weights={base_weights!r}: expected 'auto', 'original' or 'nf4'")
+    _refuse_inside(out, adapter, base)
     acfg, lora = read_adapter(adapter)
     prov = json.loads((adapter / 'ft_course_checkpoint.json').read_text()) if (adapter / 'ft_course_checkpoint.json').exists() else {}
     if base_weights == 'auto': base_weights = 'nf4' if prov.get('method') == 'qlora' else 'original'

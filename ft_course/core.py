@@ -10,7 +10,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['SIZES', 'in_test', 'has_cuda', 'size', 'is_small', 'pick', 'default_device', 'default_dtype', 'as_dtype',
            'seed_everything', 'count_params', 'bytes_by_dtype', 'human_bytes', 'human_count', 'PeakMemory', 'Timer',
-           'cache_dir', 'atomic_write', 'atomic_dir', 'set_plot_style', 'subplots']
+           'cache_dir', 'atomic_write', 'clean_stale_dirs', 'atomic_dir', 'set_plot_style', 'subplots']
 
 # %% ../nbs/00_core.ipynb #1cb753bd
 SIZES = ('test', 'laptop', 'full')
@@ -187,21 +187,46 @@ def atomic_write(path, mode: str = 'w', **kw):
     finally:
         if tmp.exists(): tmp.unlink()
 
+def _pid_alive(pid: int) -> bool:
+    "Is process `pid` running (on this machine)?"
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    except OSError: return False
+    return True
+
+def clean_stale_dirs(path) -> list[Path]:
+    "Remove `.NAME.tmp-PID` / `.NAME.old-PID` folders beside `path` left by a killed `atomic_dir` (PID no longer alive); an old copy is put back when `path` is missing."
+    import shutil, glob
+    path, done = Path(path), []
+    for t in sorted(path.parent.glob(glob.escape(f".{path.name}.") + '[to][ml][pd]-*')):
+        kind, _, pid = t.name[len(path.name) + 2:].partition('-')
+        if kind not in ('tmp', 'old') or not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))): continue
+        if kind == 'old' and not path.exists(): os.replace(t, path)   # killed between the two renames: the old output is kept
+        else: shutil.rmtree(t, ignore_errors=True)
+        done.append(t)
+    return done
+
 @contextlib.contextmanager
 def atomic_dir(path, overwrite: bool = False):
-    "Yield a temp folder beside `path`; on success it becomes `path`, on error it is deleted."
+    "Yield a temp folder beside `path`; on success it becomes `path` (an old one is renamed aside, the new one in, then the old deleted), on error it is deleted."
     import shutil
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_dirs(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite/--force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp, old = path.with_name(f".{path.name}.tmp-{os.getpid()}"), path.with_name(f".{path.name}.old-{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists(): shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists(): os.replace(path, old)      # at every moment either the old or the new output is complete
+        try: os.replace(tmp, path)
+        except OSError:
+            if old.exists() and not path.exists(): os.replace(old, path)
+            raise
+        if old.exists(): shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 

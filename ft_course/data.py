@@ -204,6 +204,7 @@ def iter_raw(path):
     "Yield `(line_number, raw_record_or_DataError)` for a JSON or JSONL file"
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such data file")
+    if path.is_dir(): raise DataError("is a directory; expected a JSON or JSONL data file", path)
     text = path.read_text(encoding='utf-8')
     if not text.strip(): yield 1, DataError("empty file: expected JSON or JSONL records", path, 1); return
     lineno = lambda pos: text.count('\n', 0, pos) + 1
@@ -227,7 +228,7 @@ def iter_raw(path):
             else:
                 ln = lineno(min(pos, len(text) - 1))
                 yield ln, DataError("invalid JSON array: expected ',' or ']'", path, ln); return
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split('\n'), 1):   # JSONL records end at '\n' only: U+2028, U+0085 may sit inside strings
         if not line.strip(): continue
         try: yield i, json.loads(line)
         except json.JSONDecodeError as e: yield i, DataError(f"not valid JSON ({e.msg}, column {e.colno}); expected one JSON object per line", path, i)
@@ -452,6 +453,7 @@ def check_dataset_cli(argv=None) -> int:
     p.add_argument('--max-length', type=int, default=None, help='flag samples with nothing trained after truncation')
     p.add_argument('--max-problems', type=int, default=20, help='how many bad lines to print (default 20)')
     a = p.parse_args(argv)
+    if a.max_length is not None and a.max_length < 1: return _err_exit(f"--max-length {a.max_length}: expected a positive number of tokens")
     try:
         if a.template: get_template(a.template)
         tk = None

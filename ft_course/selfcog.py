@@ -78,6 +78,8 @@ def make_self_cognition(name, author, n=1000, lang='both', fmt='openai', out=Non
     if n < 1: raise ValueError(f"n must be at least 1, got {n}")
     langs = _langs(lang)
     _record('q', 'a', fmt)  # validates fmt before any work
+    if out is not None and eval_out is not None and Path(out).resolve() == Path(eval_out).resolve():
+        raise ValueError(f"--out and --eval-out are the same file ({out}): the held-out questions would overwrite the training data")
     rng = random.Random(seed)
     recs = []
     for i in range(n):

@@ -139,3 +139,30 @@ def test_web_demo_in_chromium(tmp_path, smol):
         try: proc.wait(20)
         except subprocess.TimeoutExpired: proc.kill()
         log.close()
+
+
+def _chat(args, stdin=b''):
+    r = subprocess.run([sys.executable, '-m', 'ft_course', 'chat', *args], input=stdin, capture_output=True, env=ENV, timeout=300)
+    return r.returncode, r.stderr.decode('utf-8', 'replace')
+
+
+@pytest.mark.parametrize('bad', [['--temperature', '0.7', '--top-p', '0'], ['--top-p', '1.5'], ['--temperature', '-0.5'],
+                                 ['--max-new-tokens', '0']])
+def test_chat_rejects_bad_sampling_args(bad):
+    rc, err = _chat(['tiny-llama', '--device', 'cpu', *bad])
+    assert rc == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_chat_invalid_utf8_stdin_is_one_line():
+    rc, err = _chat(['tiny-llama', '--device', 'cpu', '--max-new-tokens', '2'], stdin=b'hello \xff\xfe\n')
+    assert rc == 2 and 'Traceback' not in err and 'UTF-8' in err, err
+
+
+def test_chat_wrong_shape_adapter_is_one_line(tmp_path):
+    "An adapter trained on a model of other shapes: one line naming the adapter, exit 2 (was a size-mismatch traceback)."
+    from peft import LoraConfig, get_peft_model
+    from ft_course.models import tiny_model
+    other = tiny_model('llama', hidden_size=48, intermediate_size=96)
+    get_peft_model(other, LoraConfig(r=2, target_modules=['q_proj'])).save_pretrained(tmp_path / 'ad')
+    rc, err = _chat(['tiny-llama', '--device', 'cpu', '--adapter', str(tmp_path / 'ad')], stdin=b'hi\n')
+    assert rc == 2 and 'Traceback' not in err and 'does not fit' in err, err

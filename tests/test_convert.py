@@ -148,3 +148,40 @@ def test_merge_auto_uses_the_nf4_base_for_qlora(setup, tmp_path):
     ref = bnbF.dequantize_4bit(*bnbF.quantize_4bit(w0.clone(), quant_type='nf4', blocksize=64, compress_statistics=True))
     torch.testing.assert_close(auto[k], ref.reshape(w0.shape), rtol=0, atol=0)
     assert not torch.equal(auto[k], orig[k])
+
+
+def test_given_config_is_the_only_one_run(setup, tmp_path):
+    "pth_to_hf CFG CKPT must not execute CKPT/config.py (it is Python) when CFG is given."
+    import shutil
+    ck = tmp_path / 'iter_10'; shutil.copytree(setup['ck'], ck)
+    flag = tmp_path / 'ran'
+    (ck / 'config.py').write_text(f"open({str(flag)!r}, 'w').write('x')\n" + (setup['ck'] / 'config.py').read_text())
+    pth_to_hf(setup['ck'] / 'config.py', ck, tmp_path / 'ad')
+    assert not flag.exists()
+
+
+def test_corrupt_checkpoint_and_out_inside_input_are_one_line(setup, adapter, tmp_path):
+    import shutil, contextlib, io
+    ck = tmp_path / 'iter_10'; shutil.copytree(setup['ck'], ck)
+    (ck / 'trainable.safetensors').write_bytes(b'\x00' * 64)
+    cases = [['pth_to_hf', str(setup['ck'] / 'config.py'), str(ck), str(tmp_path / 'ad')],
+             ['pth_to_hf', str(setup['ck'] / 'config.py'), str(setup['ck']), str(setup['ck'] / 'out'), '--force'],
+             ['merge', setup['name'], str(adapter), str(adapter), '--force'],
+             ['merge', setup['name'], str(adapter), str(adapter / 'sub'), '--force']]
+    for argv in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err): rc = convert_cli(argv)
+        assert rc == 2 and len(err.getvalue().strip().splitlines()) == 1, (argv, err.getvalue())
+    assert (adapter / 'adapter_model.safetensors').exists() and not (adapter / 'sub').exists()
+
+
+def test_merge_force_replaces_atomically_and_cleans_stale_temp(setup, adapter, tmp_path):
+    "A killed merge's .OUT.tmp-PID is removed by the next run; --force renames the old aside, the new in, then deletes the old."
+    import subprocess
+    dead = subprocess.Popen(['true']); dead.wait()
+    out = tmp_path / 'merged'
+    merge(setup['name'], adapter, out, dtype='fp32')
+    stale = tmp_path / f'.merged.tmp-{dead.pid}'; stale.mkdir(); (stale / 'model.safetensors').write_bytes(b'half')
+    merge(setup['name'], adapter, out, dtype='fp32', force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['merged']
+    assert (out / 'config.json').exists()

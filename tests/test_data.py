@@ -1,6 +1,7 @@
 "Tests for ft_course.data: templates, formats, label masks, packing, bad input, CLI."
 import json, random
 import pytest
+from pathlib import Path
 import torch
 from ft_course.data import (TEMPLATES, ChatTemplate, get_template, render_chat, check_template, read_records,
     load_records_hf, encode_record, pack_samples, packed_attention_mask, collate, SFTDataset, check_dataset,
@@ -248,3 +249,34 @@ def test_log_dataset_reads_a_training_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count('=== sample') == 3 and '(32 tokens' in out  # the config's max_length is used
     assert log_dataset_cli([str(tmp_path/'nope.py')]) == 2
+
+
+def test_jsonl_splits_records_on_newline_only(tmp_path):
+    "U+2028 and U+0085 inside JSON strings are not line breaks (str.splitlines would cut these records in two)."
+    from ft_course.data import iter_records, read_records
+    p = tmp_path / 'u.jsonl'
+    p.write_text('{"text": "a\u2028b"}\n{"text": "c\u0085d"}\n\n{"text": "e"}\n', encoding='utf-8')
+    assert [ln for ln, _ in iter_records(p)] == [1, 2, 4]
+    assert [r['text'] for r in read_records(p)] == ['a\u2028b', 'c\u0085d', 'e']
+
+
+def test_check_dataset_cli_user_errors_are_one_line(tmp_path):
+    "A folder and --max-length 0 get exit code 2 and one line on stderr, no traceback."
+    import subprocess, sys, os
+    f = tmp_path / 'ok.jsonl'
+    f.write_text('{"text": "hello"}\n')
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    for args in ([str(tmp_path)], [str(f), '--max-length', '0']):
+        r = subprocess.run([sys.executable, '-m', 'ft_course', 'check-dataset', *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_broken_pipe_is_quiet():
+    "`ft-course list-cfg | head -1`: the reader has gone; no BrokenPipeError traceback."
+    import subprocess, sys, os
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    r, w = os.pipe(); os.close(r)    # a pipe whose reader has already left
+    p = subprocess.run([sys.executable, '-m', 'ft_course', 'list-cfg'], stdout=w, stderr=subprocess.PIPE, text=True, env=env)
+    os.close(w)
+    assert 'Traceback' not in p.stderr and 'BrokenPipe' not in p.stderr, p.stderr

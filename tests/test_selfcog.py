@@ -140,3 +140,11 @@ def test_generate_batch_matches_one_at_a_time():
     got = generate_batch(model, tok, qs, max_new_tokens=6)
     assert got == [quick_chat(model, tok, q, max_new_tokens=6) for q in qs]
     assert tok.padding_side == side  # restored
+
+
+def test_out_and_eval_out_must_differ(tmp_path):
+    "`--out X --eval-out X` would overwrite the training data with the held-out questions: refused, nothing written."
+    from ft_course.selfcog import data_cli
+    f = tmp_path / 'same.jsonl'
+    assert data_cli(['self-cognition', '--name', 'O', '--author', 'x', '--out', str(f), '--eval-out', str(f)]) == 2
+    assert not f.exists()
