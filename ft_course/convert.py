@@ -366,7 +366,8 @@ def convert_cli(argv=None) -> int:
     m.add_argument('--max-shard-size', default='2GB', help='safetensors shard size (default 2GB)')
     m.add_argument('--force', action='store_true', help='replace OUT if it exists')
     sub.add_parser('gguf', help='merged model folder -> one GGUF file (llama.cpp, Ollama): ft-course convert gguf --help', add_help=False)
-    if argv is not None and list(argv)[:1] == ['gguf']: from ft_course.export_gguf import gguf_cli; return gguf_cli(list(argv)[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['gguf']: from ft_course.export_gguf import gguf_cli; return gguf_cli(argv[1:])
     args = p.parse_args(argv)
     try:
         if args.cmd == 'pth_to_hf':
