@@ -204,7 +204,7 @@ def pth_to_hf(config, checkpoint, out, force: bool = False, extra_state=None) ->
     A LLaVA config (`model_builder='ft_course.llava:...'`) is handed to `ft_course.llava.llava_pth_to_hf` (projector + adapter)."""
     from safetensors.torch import save_file
     from peft import LoraConfig
-    from ft_course.models import load_tokenizer
+    from ft_course.models import load_tokenizer, resolve_model
     out = Path(out)
     if out.exists() and not force: raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     _refuse_inside(out, checkpoint)
@@ -224,9 +224,13 @@ def pth_to_hf(config, checkpoint, out, force: bool = False, extra_state=None) ->
     lora, extra = _split_state(sd)
     r = next(iter(lora.values()))['A'].shape[0]
     targets = _expand_targets(spec['targets'], meta) or sorted({p.split('.')[-1] for p in lora})
+    base_src = resolve_model(spec['model'])   # record a base that resolves offline: the local folder, else the hub id
+    base_src = str(Path(base_src).resolve()) if Path(base_src).exists() else base_src
+    src_info = Path(base_src) / 'ft_course_source.json'
+    hub_id = json.loads(src_info.read_text()).get('hub_name') if src_info.exists() else (None if Path(base_src).exists() else base_src)
     lcfg = LoraConfig(r=int(r), lora_alpha=spec['alpha'] if spec['alpha'] is not None else int(r),
                       lora_dropout=float(spec['dropout'] or 0.0), target_modules=targets, bias='none',
-                      task_type='CAUSAL_LM', base_model_name_or_path=str(spec['model']))
+                      task_type='CAUSAL_LM', base_model_name_or_path=base_src)
     tensors = {f"base_model.model.{p}.lora_{ab}.weight": t[ab].detach().contiguous().cpu() for p, t in lora.items() for ab in 'AB'}
     with atomic_dir(out, overwrite=force) as tmp:
         lcfg.save_pretrained(tmp)
@@ -237,9 +241,12 @@ def pth_to_hf(config, checkpoint, out, force: bool = False, extra_state=None) ->
         tok = load_tokenizer(spec['model'])
         save_tokenizer(tok, tmp, template_info(spec['template'], spec['system'], tok))
         (tmp / 'ft_course_checkpoint.json').write_text(json.dumps(
-            dict(checkpoint=str(Path(checkpoint).resolve()), config=str(config), method=spec['method'],
+            dict(checkpoint=str(Path(checkpoint).resolve()), config=str(config), method=spec['method'], base_model=str(spec['model']),
+                 base_model_hub_id=hub_id,
                  double_quant=bool(_get(cfg, 'double_quant', True)), trainer_state=state, n_lora_modules=len(lora),
                  extra_tensors=sorted(extra)), indent=2, default=str))
+        if hub_id: (tmp / 'README.md').write_text(f"---\nbase_model: {hub_id}\nlibrary_name: peft\n---\nLoRA adapter for {hub_id} "
+            f"(trained on the local copy {base_src}), written by `ft-course convert pth_to_hf`.\n")
     return out
 
 # %% ../nbs/09_convert_merge.ipynb #b2bb463d
@@ -371,6 +378,9 @@ def convert_cli(argv=None) -> int:
                         "(default auto: nf4 for a QLoRA adapter, else original)")
     m.add_argument('--max-shard-size', default='2GB', help='safetensors shard size (default 2GB)')
     m.add_argument('--force', action='store_true', help='replace OUT if it exists')
+    sub.add_parser('gguf', help='merged model folder -> one GGUF file (llama.cpp, Ollama): ft-course convert gguf --help', add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['gguf']: from ft_course.export_gguf import gguf_cli; return gguf_cli(argv[1:])
     args = p.parse_args(argv)
     try:
         if args.cmd == 'pth_to_hf':
