@@ -19,7 +19,7 @@ COMMANDS = {  # name: ("module:function", one-line help)
     'copy-cfg':      ('ft_course.config:copy_cfg_cli',   'copy a built-in config to a folder to edit it'),
     'train':         ('ft_course.train:train_cli',       'fine-tune from a config (LoRA, QLoRA, full; optional DeepSpeed)'),
     'quickstart':    ('ft_course.selfcog_run:quickstart_cli','the whole self-cognition pipeline on SmolLM2, offline, on CPU'),
-    'convert':       ('ft_course.convert:convert_cli',   'pth_to_hf (checkpoint -> adapter) and merge (adapter -> full model)'),
+    'convert':       ('ft_course.convert:convert_cli',   'pth_to_hf (checkpoint -> adapter), merge (adapter -> full model), gguf (-> llama.cpp/Ollama)'),
     'chat':          ('ft_course.chat:chat_cli',         'chat with a model (+ adapter, or a LLaVA folder with an image) in the terminal'),
     'web-demo':      ('ft_course.chat:web_demo_cli',     'chat with a model in the browser'),
     'bench':         ('ft_course.bench:bench_cli',       'benchmark the fast QLoRA path against the standard stack'),
