@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=2 ft-course train smollm2_135m_qlora_agent_e3 --work-dir work_dirs/agent_laptop
     OMP_NUM_THREADS=2 python benchmarks/agent_laptop.py work_dirs/agent_laptop [--split dev|test|both]
 
-Loads the run's newest checkpoint into the model the trainer builds (the NF4 base + LoRA it was trained as), scores
+Loads the run's newest checkpoint into the model the trainer builds (the NF4 base + LoRA it was trained as; the NF4
+weights are dequantized once into plain Linear layers, the same weights, so that generation does not dequantize them
+again for every token), scores
 the base model (the same model with the LoRA update at its initial zero) and the trained one on the dev and/or test
 questions of `ft_course.agent.eval_set`, and writes benchmarks/results/agent_laptop.json (read by nbs/12_agent.ipynb).
 """
@@ -25,6 +27,19 @@ if ck is None and a.only != 'base': sys.exit(f"{a.work_dir}: no checkpoint")
 cfg = load_config(ck / 'config.py' if ck else 'smollm2_135m_qlora_agent_e3')
 fmt = (cfg.data_generator or {}).get('fmt', 'json')
 model, tok = build_model(cfg); model.eval()
+
+def dequantize_bases(model):
+    "Swap every NF4 base layer for a plain Linear holding its dequantized weight: the same function, no dequantization per token."
+    from ft_course.nf4 import LinearNF4
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, LinearNF4):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                lin.weight.data = child.dequantize(torch.float32); lin.requires_grad_(False)
+                if child.bias is not None: lin.bias.data = child.bias.data.float()
+                setattr(mod, name, lin)
+    return model
+dequantize_bases(model)
 splits = ['dev', 'test'] if a.split == 'both' else [a.split]
 out = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
 out.update(config=cfg.name, fmt=fmt, template=cfg.prompt_template, n_tool=a.n_tool, threads=torch.get_num_threads())
