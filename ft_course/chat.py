@@ -239,6 +239,9 @@ def chat_parser(prog='ft-course chat'):
     p.add_argument('--seed', type=int, help='seed for sampling')
     p.add_argument('--llava', help='a LLaVA folder (from ft-course convert pth_to_hf of a LLaVA run)')
     p.add_argument('--image', help='image for --llava')
+    p.add_argument('--tools', help='chat with tools (ft_course.agent), e.g. calculator,lookup: calls and results are shown, the answer is the last line')
+    p.add_argument('--tool-format', choices=['json', 'react'], default='json', help='how the model writes tool calls (default json)')
+    p.add_argument('--max-tool-calls', type=int, default=3, help='tool calls allowed per question (default 3)')
     return p
 
 def _llava_session(args, **kw):
@@ -259,6 +262,9 @@ def chat_cli(argv=None) -> int:
     bad = _check_sampling(args)
     if bad: print(f"ft-course chat: error: {bad}", file=sys.stderr); return 2
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.tools:
+        from ft_course.agent import tools_chat_cli
+        return tools_chat_cli(args, lambda: load_chat_model(args.model, args.adapter, bits=args.bits, device=args.device))
     try:
         if args.llava: sess = _llava_session(args, system=args.system, **gen)
         else:

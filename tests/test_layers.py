@@ -6,7 +6,7 @@ PKG = Path(__file__).resolve().parents[1] / 'ft_course'
 MAX_LINES = 700
 # The layers, bottom first (see the map in index.ipynb): a module may import only modules listed before it.
 LAYERS = {'A foundations': ['core', 'models'],
-          'B building blocks': ['lora', 'nf4', 'data', 'selfcog', 'shapes', 'export_gguf'],
+          'B building blocks': ['lora', 'nf4', 'data', 'selfcog', 'shapes', 'export_gguf', 'agent'],
           'C fast path': ['kernels', 'fast'],
           'D trainer': ['config', 'train'],
           'E on the trainer': ['llava', 'convert', 'llava_data'],
