@@ -52,17 +52,20 @@ def one(name, out):
     (Path(out) / f'{name}.json').write_text(json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ('pretrain', 'finetune')}, indent=1))
 
-def main(out, names):
+def side_by_side(script, out, names):
+    "Run `script --one NAME OUT` for every name at once (one process each, sharing the GPU); logs in OUT/NAME.log."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     from ft_course.models import smollm2_dir
     smollm2_dir()                       # convert the GGUF once, before the children race for it
     procs = []
     for n in names:
         log = open(out / f'{n}.log', 'w')
-        procs.append((n, subprocess.Popen([sys.executable, __file__, '--one', n, str(out)], stdout=log, stderr=subprocess.STDOUT), time.time()))
+        procs.append((n, subprocess.Popen([sys.executable, str(script), '--one', n, str(out)], stdout=log, stderr=subprocess.STDOUT), time.time()))
     for n, p, t0 in procs:
         rc = p.wait()
         print(f"{n}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+
+def main(out, names): side_by_side(__file__, out, names)
 
 if __name__ == '__main__':
     if sys.argv[1] == '--one': one(sys.argv[2], sys.argv[3])

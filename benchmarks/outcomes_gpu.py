@@ -119,18 +119,11 @@ def one(name, out):
     print(json.dumps({k: v for k, v in res.items() if k in ('test', 'checkpoints', 'seconds')}, indent=1)[:3000])
 
 def main(out, names):
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     bad = [n for n in names if n not in LLAVA and n not in DRIFT]
     if bad: sys.exit(f"unknown names {bad}: expected some of {', '.join([*LLAVA, *DRIFT])}")
-    from ft_course.models import smollm2_dir
-    smollm2_dir()                       # convert the GGUF once, before the children race for it
-    procs = []
-    for n in names:
-        log = open(out / f'{n}.log', 'w')
-        procs.append((n, subprocess.Popen([sys.executable, __file__, '--one', n, str(out)], stdout=log, stderr=subprocess.STDOUT), time.time()))
-    for n, p, t0 in procs:
-        rc = p.wait()
-        print(f"{n}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llava_gpu import side_by_side
+    side_by_side(__file__, out, names)
 
 if __name__ == '__main__':
     if sys.argv[1] == '--one': one(sys.argv[2], sys.argv[3])
