@@ -8,3 +8,24 @@ def one_torch_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+def tiny_lora_checkpoint(ck, cfg_name):
+    """A peft LoRA model (r=4 on q/v, non-zero B) on the tiny Llama, and its trainable tensors and config.py written to the
+    checkpoint folder `ck` in ft_course.train's format; returns (model name, peft model, Config)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from ft_course.models import load_model, tiny_model_dir
+    from ft_course.train import Config, config_source
+    name = str(tiny_model_dir('llama'))
+    torch.manual_seed(0)
+    pm = get_peft_model(load_model(name, device='cpu'), LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])).eval()
+    for n, p in pm.named_parameters():
+        if 'lora_B' in n: torch.nn.init.normal_(p, std=0.5)
+    sd = {k.replace('base_model.model.', '').replace('.default', ''): v.detach().clone() for k, v in pm.named_parameters() if 'lora_' in k}
+    ck.mkdir(parents=True)
+    save_file(sd, str(ck / 'trainable.safetensors'))
+    cfg = Config(model=name, method='lora', lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=['q_proj', 'v_proj'],
+                 prompt_template='chatml', name=cfg_name)
+    (ck / 'config.py').write_text(config_source(cfg))
+    return name, pm, cfg

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 import pytest
+from conftest import tiny_lora_checkpoint
 
 torch = pytest.importorskip('torch')
 from safetensors.torch import save_file
@@ -15,22 +16,11 @@ pytestmark = pytest.mark.usefixtures('one_torch_thread')   # see conftest.py
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     "A peft LoRA model with non-zero B on the tiny Llama, and a checkpoint folder in ft_course.train's format."
-    from peft import LoraConfig, get_peft_model
     root = tmp_path_factory.mktemp('convert')
-    name = str(tiny_model_dir('llama'))
-    torch.manual_seed(0)
-    pm = get_peft_model(load_model(name, device='cpu'), LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])).eval()
-    for n, p in pm.named_parameters():
-        if 'lora_B' in n: torch.nn.init.normal_(p, std=0.5)
-    sd = {k.replace('base_model.model.', '').replace('.default', ''): v.detach().clone() for k, v in pm.named_parameters() if 'lora_' in k}
-    ck = root / 'work' / 'checkpoints' / 'iter_10'; ck.mkdir(parents=True)
-    save_file(sd, str(ck / 'trainable.safetensors'))
+    ck = root / 'work' / 'checkpoints' / 'iter_10'
+    name, pm, cfg = tiny_lora_checkpoint(ck, 'tiny_test')
     (ck / 'trainer_state.json').write_text(json.dumps(dict(step=10, model=name, method='lora',
         lora=dict(r=4, alpha=8, dropout=0.0, target_modules=['q_proj', 'v_proj']), prompt_template='chatml')))
-    from ft_course.train import Config, config_source
-    cfg = Config(model=name, method='lora', lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=['q_proj', 'v_proj'],
-                 prompt_template='chatml', name='tiny_test')
-    (ck / 'config.py').write_text(config_source(cfg))
     x = torch.randint(0, 1000, (2, 16))
     with torch.no_grad(): ref = pm(x).logits
     return dict(root=root, name=name, ck=ck, cfg=cfg, x=x, ref=ref)

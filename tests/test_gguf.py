@@ -2,6 +2,7 @@
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
+from conftest import tiny_lora_checkpoint
 
 torch = pytest.importorskip('torch')
 np = pytest.importorskip('numpy')
@@ -24,21 +25,10 @@ def _gguf_model(path):
 @pytest.fixture(scope='module')
 def made(tmp_path_factory):
     "A LoRA adapter (pth_to_hf) on the tiny Llama, its merge (fp32) and the three GGUF exports of the merge."
-    from peft import LoraConfig, get_peft_model
-    from ft_course.train import Config, config_source
     from ft_course.convert import pth_to_hf, merge
     root = tmp_path_factory.mktemp('gguf')
-    name = str(tiny_model_dir('llama'))
-    torch.manual_seed(0)
-    pm = get_peft_model(load_model(name, device='cpu'), LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])).eval()
-    for n, p in pm.named_parameters():
-        if 'lora_B' in n: torch.nn.init.normal_(p, std=0.5)
-    sd = {k.replace('base_model.model.', '').replace('.default', ''): v.detach().clone() for k, v in pm.named_parameters() if 'lora_' in k}
-    ck = root / 'checkpoints' / 'iter_1'; ck.mkdir(parents=True)
-    save_file(sd, str(ck / 'trainable.safetensors'))
-    cfg = Config(model=name, method='lora', lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=['q_proj', 'v_proj'],
-                 prompt_template='chatml', name='tiny_gguf')
-    (ck / 'config.py').write_text(config_source(cfg))
+    ck = root / 'checkpoints' / 'iter_1'
+    name, pm, _ = tiny_lora_checkpoint(ck, 'tiny_gguf')
     adapter = pth_to_hf(ck / 'config.py', ck, root / 'adapter')
     merged = merge(None, adapter, root / 'merged', dtype='fp32')
     files = {t: write_gguf(merged, root / f'm-{t}.gguf', t, modelfile=(t == 'f16')) for t in ('f16', 'bf16', 'q8_0')}
