@@ -38,7 +38,7 @@ LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES 
 DRIFT = {   # self-cognition generator settings; save_steps chosen for ~15 checkpoints a run
     'drift-1k': (dict(n=1000, replay=0), 10),
     'drift-10k': (dict(n=10000, replay=0), 60),
-    'drift-2k-replay10k': (dict(n=2000, replay=10000), 100),
+    'drift-2k-replay10k': (dict(n=2000, replay=10000), 20),   # replay is capped at the 35 distinct REPLAY_PROMPTS
     'smoke-drift': (dict(n=40, replay=8), 2),
 }
 
@@ -97,13 +97,14 @@ def run_llava(name, work):
                 test=evaluate(r2.model, r2.tokenizer, test, ft, majority))
 
 def run_drift(name, work):
-    from ft_course.train import train, checkpoint_drift
+    from ft_course.train import train
+    from ft_course.selfcog_run import checkpoint_drift
     gen, save = DRIFT[name]
     spec = dict(kind='self_cognition', name='Ada', author='the ft_course team', lang='en', seed=0, **gen)
     opts = [f'data_generator={spec!r}', f'save_steps={save}', 'save_total_limit=1000', 'evaluation_inputs=[]']
     if name.startswith('smoke'): opts.append('max_steps=4')
     t0 = time.time()
-    r = train('smollm2_135m_qlora_selfcog_e3', work, progress=False, cfg_options=opts)
+    r = train('smollm2_135m_qlora_selfcog_e3', work, progress=False, cfg_options=opts, resume='auto')   # a second call continues a cut-off run
     secs = time.time() - t0
     return dict(generator=spec, method='qlora', steps=r.steps, seconds=round(secs), losses=r.losses[::max(1, len(r.losses) // 200)],
                 checkpoints=checkpoint_drift(work, 'Ada', author='the ft_course team', progress=False))
