@@ -11,9 +11,9 @@ from .core import atomic_write, _pid_alive
 from .config import Config, ConfigError, load_config
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'CheckpointError', 'latest_checkpoint', 'read_checkpoint', 'config_source', 'trainable_state',
-           'load_safe', 'checkpoint_problem', 'resumable_checkpoint', 'base_fingerprint', 'base_mismatch',
-           'run_identity', 'resume_diffs', 'WorkDirLock', 'prepare_work_dir']
+__all__ = ['DS_SAFE_GLOBALS', 'RESUME_KEYS', 'CheckpointError', 'latest_checkpoint', 'read_checkpoint', 'config_source',
+           'trainable_state', 'load_safe', 'checkpoint_problem', 'resumable_checkpoint', 'base_fingerprint',
+           'base_mismatch', 'run_identity', 'resume_diffs', 'WorkDirLock', 'prepare_work_dir']
 
 # %% ../nbs/06a_checkpoints.ipynb #be287cbd
 class CheckpointError(ConfigError):
@@ -87,10 +87,16 @@ def _set_rng_state(s: dict):
     torch.set_rng_state(s['torch'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-def load_safe(path):
-    "`torch.load(path, weights_only=True)` on the CPU: tensors and plain values only, never code; else a CheckpointError naming the file."
-    import torch, pickle
-    try: return torch.load(path, map_location='cpu', weights_only=True)
+# the plain data classes DeepSpeed pickles into its ZeRO optimizer states (checked before DeepSpeed loads them itself)
+DS_SAFE_GLOBALS = ('deepspeed.runtime.fp16.loss_scaler:LossScaler', 'deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler',
+                   'deepspeed.runtime.zero.config:ZeroStageEnum', 'deepspeed.utils.tensor_fragment:fragment_address')
+
+def load_safe(path, allow: tuple = (), mmap: bool = False):
+    "`torch.load(path, weights_only=True)` on the CPU: tensors and plain values (and the `allow`ed 'module:Class'es) only, never code."
+    import torch, pickle, importlib
+    extra = [getattr(importlib.import_module(m), n) for m, _, n in (a.partition(':') for a in allow)]
+    try:
+        with torch.serialization.safe_globals(extra): return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except FileNotFoundError: raise CheckpointError(f"{path}: missing") from None
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: holds objects other than tensors and plain values; refused (unpickling it could run code)") from None
@@ -120,10 +126,12 @@ def checkpoint_problem(ckpt) -> str | None:
     except ValueError as e: return f"{ckpt / 'trainer_state.json'}: not valid JSON ({e})"
     bad = _safetensors_problem(ckpt / 'trainable.safetensors')
     if bad: return bad
-    if state.get('deepspeed') is not None:
-        return None if (ckpt / 'deepspeed').is_dir() else f"{ckpt / 'deepspeed'}: missing (the DeepSpeed engine's state)"
-    for f in ('optimizer.pt', 'scheduler.pt'):
-        try: load_safe(ckpt / f)
+    if state.get('deepspeed') is not None:   # DeepSpeed unpickles its files itself (weights_only=False): check them first
+        if not (ckpt / 'deepspeed').is_dir(): return f"{ckpt / 'deepspeed'}: missing (the DeepSpeed engine's state)"
+        files, allow = sorted((ckpt / 'deepspeed').rglob('*.pt')), DS_SAFE_GLOBALS
+    else: files, allow = [ckpt / 'optimizer.pt', ckpt / 'scheduler.pt'], ()
+    for f in files:
+        try: load_safe(f, allow, mmap=True)
         except CheckpointError as e: return str(e)
     return None
 

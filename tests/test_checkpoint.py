@@ -236,3 +236,17 @@ def test_adapter_records_base_and_merge_chat_refuse_another(run, other_base, tmp
     assert 'tiny-llama-seed1' in capsys.readouterr().err
     m, tok, info = load_chat_model(str(other_base), ad, device='cpu', force_base=True)
     assert type(m).__name__ == 'PeftModelForCausalLM'
+
+def test_deepspeed_files_checked_before_deepspeed_unpickles_them(tmp_path, one_torch_thread):
+    "DeepSpeed loads its ZeRO files with weights_only=False: they are checked with weights_only=True (its few data classes allowed) first."
+    import torch
+    pytest.importorskip('deepspeed')
+    r = train(_cfg(tmp_path, max_steps=2), tmp_path / 'w', deepspeed='zero2', progress=False)
+    ck = latest_checkpoint(tmp_path / 'w')
+    assert checkpoint_problem(ck) is None                        # a real ZeRO-2 checkpoint passes
+    f = next((ck / 'deepspeed').rglob('*optim_states.pt'))
+    marker = tmp_path / 'pwned'
+    sd = torch.load(f, weights_only=False); sd['evil'] = _Evil(marker); torch.save(sd, f)
+    assert 'refused' in checkpoint_problem(ck) and f.name in checkpoint_problem(ck)
+    with pytest.raises(CheckpointError, match=f.name): train(_cfg(tmp_path, max_steps=2), tmp_path / 'w', deepspeed='zero2', resume=str(ck), progress=False)
+    assert not marker.exists()
