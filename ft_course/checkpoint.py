@@ -95,6 +95,9 @@ def load_safe(path, allow: tuple = (), mmap: bool = False):
     "`torch.load(path, weights_only=True)` on the CPU: tensors and plain values (and the `allow`ed 'module:Class'es) only, never code."
     import torch, pickle, importlib
     extra = [getattr(importlib.import_module(m), n) for m, _, n in (a.partition(':') for a in allow)]
+    import zipfile
+    if mmap and Path(path).is_file() and not zipfile.is_zipfile(path):   # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: damaged or truncated (not the zip archive torch.save writes)")
     try:
         with torch.serialization.safe_globals(extra): return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except FileNotFoundError: raise CheckpointError(f"{path}: missing") from None
