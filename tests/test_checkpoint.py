@@ -196,9 +196,15 @@ def test_crafted_optimizer_is_refused(run, tmp_path):
     subprocess.run([sys.executable, '-c', f'import torch; torch.load({str(ck / "optimizer.pt")!r}, weights_only=False)'], check=False)
     assert marker.exists()
 
-def test_no_weights_only_false_in_the_package():
+def test_every_torch_load_in_the_package_is_weights_only():
+    import ast
+    calls = []
     for p in (ROOT / 'ft_course').glob('*.py'):
-        assert 'weights_only=False' not in p.read_text(), p
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == 'load' and getattr(n.func.value, 'id', '') == 'torch':
+                kw = {k.arg: k.value for k in n.keywords}
+                calls.append((p.name, n.lineno, isinstance(kw.get('weights_only'), ast.Constant) and kw['weights_only'].value is True))
+    assert len(calls) >= 4 and all(ok for *_, ok in calls), [c for c in calls if not c[2]]
 
 def test_rng_state_round_trips_through_weights_only(tmp_path):
     import random, numpy as np, torch
