@@ -145,10 +145,12 @@ def chat_widget(session: ChatSession, height: str = '320px'):
     return ui
 
 # %% ../nbs/11_chat.ipynb #8d9ef659
-def load_chat_model(model, adapter=None, bits: int | None = None, device=None, dtype='auto'):
-    "(model, tokenizer, template info) for chatting: a base (zoo name, folder or hub name), optionally with a peft adapter."
+def load_chat_model(model, adapter=None, bits: int | None = None, device=None, dtype='auto', force_base: bool = False):
+    """(model, tokenizer, template info) for chatting: a base (zoo name, folder or hub name), optionally with a peft adapter
+    (refused on a base other than the one it was trained on, by fingerprint, unless `force_base`)."""
     from ft_course.models import load_model, load_tokenizer, resolve_model
-    from ft_course.convert import read_template_info
+    from ft_course.convert import read_template_info, check_adapter_base
+    if adapter is not None and (Path(adapter) / 'adapter_config.json').exists(): check_adapter_base(adapter, model, force_base)
     m = load_model(model, dtype=dtype, device=device, bits=bits)
     info = None
     if adapter is not None:
@@ -229,6 +231,7 @@ def chat_parser(prog='ft-course chat'):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_CHAT_EPILOG)
     p.add_argument('model', help='model folder, zoo name (smollm2, tiny-llama) or hub name')
     p.add_argument('--adapter', help='peft adapter folder to put on the model')
+    p.add_argument('--force-base', action='store_true', help="use --adapter although MODEL is not the base it was trained on")
     p.add_argument('--prompt-template', help='chat template name (default: the one recorded at training, else the tokenizer\'s)')
     p.add_argument('--system', help='system prompt')
     p.add_argument('--max-new-tokens', type=int, default=256)
@@ -264,11 +267,11 @@ def chat_cli(argv=None) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.tools:
         from ft_course.agent import tools_chat_cli
-        return tools_chat_cli(args, lambda: load_chat_model(args.model, args.adapter, bits=args.bits, device=args.device))
+        return tools_chat_cli(args, lambda: load_chat_model(args.model, args.adapter, bits=args.bits, device=args.device, force_base=args.force_base))
     try:
         if args.llava: sess = _llava_session(args, system=args.system, **gen)
         else:
-            m, tok, info = load_chat_model(args.model, args.adapter, bits=args.bits, device=args.device)
+            m, tok, info = load_chat_model(args.model, args.adapter, bits=args.bits, device=args.device, force_base=args.force_base)
             sess = make_session(m, tok, info, args.prompt_template, args.system, **gen)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         print(f"ft-course chat: error: {e}", file=sys.stderr); return 2

@@ -11,7 +11,8 @@ from .core import atomic_dir, as_dtype
 # %% auto #0
 __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'TEMPLATE_FILE', 'EXTRA_FILE', 'CheckpointMismatch', 'lora_spec',
            'nf4_roundtrip_', 'check_checkpoint', 'template_to_jinja', 'template_info', 'save_tokenizer',
-           'read_template_info', 'pth_to_hf', 'read_adapter', 'lora_scale', 'fold_lora', 'merge', 'convert_cli']
+           'read_template_info', 'pth_to_hf', 'read_adapter', 'lora_scale', 'fold_lora', 'check_adapter_base', 'merge',
+           'convert_cli']
 
 # %% ../nbs/09_convert_merge.ipynb #4c2e3041
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
@@ -218,6 +219,8 @@ def pth_to_hf(config, checkpoint, out, force: bool = False, extra_state=None) ->
     if not spec['model']: raise ValueError(f"config {config}: no model name (expected model.name_or_path)")
     meta = _meta_model(spec['model'])
     diffs = check_checkpoint(cfg, sd, state, meta=meta)
+    from ft_course.checkpoint import base_fingerprint, base_mismatch
+    if (why := base_mismatch(state.get('base_model'), spec['model'])): diffs.append(f"base model: {why}")
     if diffs:
         name = config if isinstance(config, (str, os.PathLike)) else (_get(cfg, 'name') or type(cfg).__name__)
         raise CheckpointMismatch(f"checkpoint {checkpoint} does not match config {name}:\n  - " + "\n  - ".join(diffs))
@@ -242,7 +245,8 @@ def pth_to_hf(config, checkpoint, out, force: bool = False, extra_state=None) ->
         save_tokenizer(tok, tmp, template_info(spec['template'], spec['system'], tok))
         (tmp / 'ft_course_checkpoint.json').write_text(json.dumps(
             dict(checkpoint=str(Path(checkpoint).resolve()), config=str(config), method=spec['method'], base_model=str(spec['model']),
-                 base_model_hub_id=hub_id,
+                 base_model_hub_id=hub_id, base_model_fingerprint=(state.get('base_model') or {}).get('fingerprint')
+                 or base_fingerprint(spec['model']),
                  double_quant=bool(_get(cfg, 'double_quant', True)), trainer_state=state, n_lora_modules=len(lora),
                  extra_tensors=sorted(extra)), indent=2, default=str))
         if hub_id: (tmp / 'README.md').write_text(f"---\nbase_model: {hub_id}\nlibrary_name: peft\n---\nLoRA adapter for {hub_id} "
@@ -305,12 +309,22 @@ def _stored_dtype(src):
     d = c.get('dtype') or c.get('torch_dtype') or 'float32'
     return getattr(torch, d) if d in ('float32', 'bfloat16', 'float16') else torch.float32
 
+def check_adapter_base(adapter, base, force_base: bool = False):
+    "Refuse (ValueError naming both) a `base` other than the one the adapter was trained on (fingerprints in ft_course_checkpoint.json)."
+    from ft_course.checkpoint import base_mismatch
+    p = Path(adapter) / 'ft_course_checkpoint.json'
+    prov = json.loads(p.read_text()) if p.exists() else {}
+    why = None if force_base else base_mismatch(dict(name=prov.get('base_model'), fingerprint=prov.get('base_model_fingerprint')), base)
+    if why: raise ValueError(f"adapter {adapter} was {why}: on another base it computes something else; "
+                             "pass the adapter's base, or --force-base (force_base=True) to use this one anyway")
+
 def merge(base, adapter, out, dtype='bf16', device='cpu', force: bool = False, base_weights: str = 'auto',
-          max_shard_size='2GB') -> Path:
+          max_shard_size='2GB', force_base: bool = False) -> Path:
     """Fold a LoRA adapter into a full-precision copy of `base` (None: the adapter's base) and save a complete model
     folder that plain `from_pretrained` loads. `base_weights='nf4'` first rounds the base through NF4, i.e. merges
     into the dequantised 4-bit base a QLoRA adapter was trained against; 'original' uses the weights as stored;
-    'auto' (default) picks 'nf4' for an adapter that `pth_to_hf` recorded as QLoRA, else 'original'."""
+    'auto' (default) picks 'nf4' for an adapter that `pth_to_hf` recorded as QLoRA, else 'original'.
+    A base other than the adapter's own (by fingerprint) is refused unless `force_base`."""
     import shutil, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from ft_course.models import resolve_model, load_tokenizer, TRUST_REMOTE_CODE
@@ -323,6 +337,7 @@ def merge(base, adapter, out, dtype='bf16', device='cpu', force: bool = False, b
     if base_weights == 'auto': base_weights = 'nf4' if prov.get('method') == 'qlora' else 'original'
     base = base or acfg.get('base_model_name_or_path')
     if not base: raise ValueError(f"{adapter / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model")
+    check_adapter_base(adapter, base, force_base)
     src = resolve_model(base)
     trc = src.startswith(TRUST_REMOTE_CODE)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=_stored_dtype(src), trust_remote_code=trc).to(device).eval()
@@ -378,6 +393,7 @@ def convert_cli(argv=None) -> int:
                         "(default auto: nf4 for a QLoRA adapter, else original)")
     m.add_argument('--max-shard-size', default='2GB', help='safetensors shard size (default 2GB)')
     m.add_argument('--force', action='store_true', help='replace OUT if it exists')
+    m.add_argument('--force-base', action='store_true', help="merge into BASE although it is not the adapter's base (by fingerprint)")
     sub.add_parser('gguf', help='merged model folder -> one GGUF file (llama.cpp, Ollama): ft-course convert gguf --help', add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['gguf']: from ft_course.export_gguf import gguf_cli; return gguf_cli(argv[1:])
@@ -388,7 +404,8 @@ def convert_cli(argv=None) -> int:
             print(f"adapter written to {o} (load it with peft.PeftModel.from_pretrained(base, '{o}'))")
         else:
             o = merge(None if args.base == 'auto' else args.base, args.adapter, args.out, dtype=args.dtype, device=args.device,
-                      force=args.force, base_weights=args.base_weights, max_shard_size=args.max_shard_size)
+                      force=args.force, base_weights=args.base_weights, max_shard_size=args.max_shard_size,
+                      force_base=args.force_base)
             print(f"merged model written to {o} (AutoModelForCausalLM.from_pretrained('{o}'))")
     except (FileExistsError, FileNotFoundError, CheckpointMismatch, ValueError, KeyError, TypeError) as e:
         print(f"ft-course convert {args.cmd}: error: {e}", file=sys.stderr); return 2

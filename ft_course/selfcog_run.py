@@ -32,7 +32,7 @@ def quickstart(work_dir='work_dirs/quickstart', name: str = 'Ada', author: str =
     cfg.evaluation_inputs = prompts                       # answered before training and at the end
     cfg.evaluation_freq = 10 ** 9
     cfg.eval_max_new_tokens = 40
-    res = train(cfg, work_dir, progress=progress)
+    res = train(cfg, work_dir, progress=progress, overwrite=True)   # a fresh run, also in a used work dir
     before = [p['answer'] for p in res.evals[0]]
     sb = score_answers(prompts, before, name, author)
     after_model = [p['answer'] for p in res.evals[res.steps]]

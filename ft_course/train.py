@@ -15,9 +15,14 @@ from .config import (Config, ConfigError, load_config, validate_config, apply_op
 
 # %% auto #0
 __all__ = ['MOVED_HOOKS', 'REPLAY_PROMPTS', 'DATA_GENERATORS', 'load_base_model', 'build_model', 'build_dataset',
-           'gen_self_cognition', 'gen_fictional_corpus', 'generate', 'latest_checkpoint', 'read_checkpoint',
-           'config_source', 'trainable_state', 'init_distributed', 'deepspeed_config', 'lr_lambda', 'plot_log',
-           'read_log', 'TrainResult', 'prepare_data', 'train', 'train_cli']
+           'gen_self_cognition', 'gen_fictional_corpus', 'generate', 'init_distributed', 'deepspeed_config',
+           'lr_lambda', 'plot_log', 'read_log', 'TrainResult', 'prepare_data', 'train', 'train_cli']
+
+# %% ../nbs/06_training_loop.ipynb #926a196a
+# checkpoints, resume and the work dir's lock are lesson 06a's (ft_course.checkpoint); these names stay importable from here
+from .checkpoint import (CheckpointError, WorkDirLock, prepare_work_dir, latest_checkpoint, read_checkpoint,
+                                  config_source, trainable_state, _dist, _barrier, _unwrap, _set_rng_state,
+                                  _save_checkpoint, _resume, _debug_kill)
 
 # %% ../nbs/06_training_loop.ipynb #b7778fb2
 # hooks that moved to another module: configs (and checkpoints) written before the move name the old place
@@ -179,68 +184,7 @@ def generate(model, tokenizer, prompts, template='chatml', system=None, max_new_
     model.train(was_training)
     return outs
 
-def _unwrap(model):
-    "The plain model inside a DeepSpeed engine or DDP wrapper."
-    while hasattr(model, 'module') and not hasattr(model, 'generate'): model = model.module
-    return model
-
-# %% ../nbs/06_training_loop.ipynb #4c45de33
-def latest_checkpoint(work_dir) -> Path | None:
-    "The newest complete checkpoint folder `WORK_DIR/checkpoints/iter_N` (largest N), or None."
-    d = Path(work_dir) / 'checkpoints'
-    if not d.is_dir(): return None
-    done = [p for p in d.glob('iter_*') if re.fullmatch(r'iter_\d+', p.name) and (p / 'trainer_state.json').is_file()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
-
-def read_checkpoint(path):
-    "(trainable state dict, trainer_state dict, Config or None) of a checkpoint folder (or its trainable.safetensors)."
-    from safetensors.torch import load_file
-    p = Path(path)
-    if p.is_file(): p = p.parent
-    if not (p / 'trainable.safetensors').is_file():
-        raise FileNotFoundError(f"{p}: no trainable.safetensors; expected a checkpoint folder WORK_DIR/checkpoints/iter_N")
-    st = json.loads((p / 'trainer_state.json').read_text()) if (p / 'trainer_state.json').is_file() else {}
-    cfg = load_config(p / 'config.py') if (p / 'config.py').is_file() else None
-    return load_file(str(p / 'trainable.safetensors')), st, cfg
-
-def config_source(cfg: Config) -> str:
-    "Python source of a config file that recreates `cfg` (written as `config.py` into every checkpoint)."
-    lines = ['# the resolved config of this run (written by ft_course.train)', 'from ft_course.train import Config', '', 'config = Config(']
-    for f in fields(Config): lines.append(f"    {f.name}={getattr(cfg, f.name)!r},")
-    return '\n'.join(lines + [')', ''])
-
-def _rng_state():
-    import random, numpy as np, torch
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-def _set_rng_state(s):
-    import random, numpy as np, torch
-    random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-
-def _debug_kill(where, step):
-    "Tests: FT_COURSE_DEBUG_KILL='after_step:N' or 'in_save:N' kills this process (SIGKILL) at that point."
-    if os.environ.get('FT_COURSE_DEBUG_KILL') == f'{where}:{step}':
-        import signal
-        sys.stdout.flush(); sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-def trainable_state(model) -> dict:
-    "Only the trainable parameters, keyed by their module path in the model as trained."
-    return {n: p.detach().cpu().contiguous() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
-
 # %% ../nbs/06_training_loop.ipynb #a6b4969e
-def _dist():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def _barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
-
 def _free_port():
     import socket
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
@@ -382,81 +326,7 @@ def _evaluate(cfg, model, tok, step, work_dir, log, zero3=False):
     log('eval', f"step {step} evaluation:\n" + '\n'.join(f"  Q: {p['prompt']}\n  A: {p['answer']}" for p in pairs), step=step, answers=pairs)
     return pairs
 
-# %% ../nbs/06_training_loop.ipynb #f5c5ba5c
-def _save_checkpoint(cfg, work_dir, step, micro, epoch, model, opt, sched, engine, zero_stage, log):
-    import torch
-    from safetensors.torch import save_file
-    rank, world = _dist()
-    ck = Path(work_dir) / 'checkpoints'
-    final, tmp = ck / f'iter_{step}', ck / f'.tmp_iter_{step}'
-    if rank == 0:
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    if engine is not None:
-        engine.save_checkpoint(str(tmp), tag='deepspeed', exclude_frozen_parameters=cfg.method != 'full')
-    torch.save(_rng_state(), tmp / ('rng.pt' if rank == 0 else f'rng_rank{rank}.pt'))
-    if engine is not None and zero_stage == 3:
-        import deepspeed
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None): sd = trainable_state(engine.module)
-    else: sd = trainable_state(model) if rank == 0 else None
-    _barrier()
-    if rank == 0:
-        save_file(sd, str(tmp / 'trainable.safetensors'), metadata={'format': 'pt'})
-        if engine is None:
-            torch.save(opt.state_dict(), tmp / 'optimizer.pt'); torch.save(sched.state_dict(), tmp / 'scheduler.pt')
-        state = dict(step=step, micro_step=micro, epoch=epoch, data_position=micro, world_size=world,
-                     counts="step = optimizer steps; micro_step = micro-batches (XTuner's 'iter') = step x accumulative_counts",
-                     config_name=cfg.name, model=cfg.model, method=cfg.method, quant_backend=cfg.quant_backend, fast=cfg.fast,
-                     lora=dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules),
-                     prompt_template=cfg.prompt_template, system=cfg.system, deepspeed=cfg.deepspeed, seed=cfg.seed,
-                     model_builder=cfg.model_builder, dataset_builder=cfg.dataset_builder, n_trainable=len(sd))
-        (tmp / 'trainer_state.json').write_text(json.dumps(state, indent=1, ensure_ascii=False, default=str))
-        (tmp / 'config.py').write_text(config_source(cfg))
-        _debug_kill('in_save', step)
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-        done = sorted((p for p in ck.glob('iter_*') if re.fullmatch(r'iter_\d+', p.name)), key=lambda p: int(p.name[5:]))
-        for old in done[:-cfg.save_total_limit]:
-            if old != final: shutil.rmtree(old, ignore_errors=True)
-        log('info', f"saved checkpoint {final} (step {step} = {micro} micro-batches)", step=step, checkpoint=str(final))
-    _barrier()
-    return final
-
-def _resume(ckpt, cfg, model, opt, sched, engine):
-    import torch
-    from safetensors.torch import load_file
-    rank, _ = _dist()
-    ckpt = Path(ckpt)
-    state = json.loads((ckpt / 'trainer_state.json').read_text())
-    if engine is not None:
-        engine.load_checkpoint(str(ckpt), tag='deepspeed', load_module_strict=cfg.method == 'full',
-                               load_optimizer_states=True, load_lr_scheduler_states=True)
-    else:
-        sd = load_file(str(ckpt / 'trainable.safetensors'))
-        params = dict(_unwrap(model).named_parameters())
-        missing = [k for k in sd if k not in params]
-        if missing: raise ConfigError(f"{ckpt}: checkpoint tensors not in the model (first: {missing[0]}); was it trained with another config?")
-        with torch.no_grad():
-            for k, v in sd.items(): params[k].copy_(v)
-        opt.load_state_dict(torch.load(ckpt / 'optimizer.pt', weights_only=False))
-        sched.load_state_dict(torch.load(ckpt / 'scheduler.pt', weights_only=False))
-    rng = ckpt / ('rng.pt' if rank == 0 else f'rng_rank{rank}.pt')
-    return state, (torch.load(rng, weights_only=False) if rng.is_file() else None)
-
 # %% ../nbs/06_training_loop.ipynb #15dca17c
-def _resume_point(resume, work_dir, log):
-    "The checkpoint to resume from: None, the newest one in `work_dir` (`resume='auto'`) or the folder given."
-    if resume == 'auto':
-        ckpt = latest_checkpoint(work_dir)
-        if ckpt is None: log('info', f"--resume auto: no checkpoint in {work_dir}/checkpoints, starting from scratch", step=0)
-        return ckpt
-    if not resume: return None
-    ckpt = Path(resume)
-    if not (ckpt / 'trainer_state.json').is_file(): raise ConfigError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
-    return ckpt
-
 def _model_and_data(cfg, work_dir):
     "Model and tokenizer (config hook or `build_model`) on the device, the data generated if asked, the dataset and its collate."
     import torch
@@ -548,11 +418,12 @@ def _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro
 
 # %% ../nbs/06_training_loop.ipynb #b42d9dc9
 def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None, seed: int | None = None,
-          cfg_options: list[str] | None = None, progress: bool = True) -> TrainResult:
+          cfg_options: list[str] | None = None, progress: bool = True, overwrite: bool = False,
+          force_base: bool = False) -> TrainResult:
     """Fine-tune as the config says, writing log.jsonl, loss_curve.png, eval/ and checkpoints/iter_N into `work_dir`.
-    `deepspeed`: 'zero1'|'zero2'|'zero3'|file.json; `resume`: 'auto' (newest checkpoint in work_dir) or a checkpoint folder."""
-    import torch
-    from tqdm.auto import tqdm
+    `deepspeed`: 'zero1'|'zero2'|'zero3'|file.json; `resume`: 'auto' (newest sound checkpoint in work_dir) or a checkpoint folder.
+    The work dir is locked while training (WORK_DIR/.lock); a used one needs `resume` or `overwrite=True` (deletes its
+    checkpoints, log and eval answers); a resume must match the checkpoint's config and base model (`force_base`: another base)."""
     t_start = time.time()
     cfg = load_config(cfg, cfg_options)
     if deepspeed is not None: cfg.deepspeed = deepspeed
@@ -560,10 +431,15 @@ def train(cfg, work_dir, deepspeed: str | None = None, resume: str | None = None
     validate_config(cfg)
     work_dir = Path(work_dir); work_dir.mkdir(parents=True, exist_ok=True)
     rank, world = init_distributed(cfg.deepspeed is not None)
+    with WorkDirLock(work_dir, active=rank == 0):   # released at the end, also by an exception
+        return _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, t_start)
+
+def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, t_start) -> TrainResult:
+    import torch
+    from tqdm.auto import tqdm
     main = rank == 0
     log = _Log(work_dir, main)
-    ckpt = _resume_point(resume, work_dir, log)
-    if ckpt is None and main and (work_dir / 'log.jsonl').exists(): (work_dir / 'log.jsonl').unlink()
+    ckpt = prepare_work_dir(work_dir, resume, cfg, log, overwrite, force_base)   # refuses a used work dir, checks a resume
     seed_everything(cfg.seed)
     cfg, model, tok, dev, ds, collate_fn = _model_and_data(cfg, work_dir)
     n, accum = len(ds), cfg.accumulative_counts
@@ -619,6 +495,7 @@ _TRAIN_EPILOG = """examples:
   ft-course train smollm2_135m_qlora_selfcog_e3 --work-dir work_dirs/selfcog
   ft-course train my_cfg.py --work-dir work_dirs/run1 --deepspeed zero2 --cfg-options lr=1e-4 max_steps=50
   ft-course train my_cfg.py --work-dir work_dirs/run1 --resume auto
+  ft-course train my_cfg.py --work-dir work_dirs/run1 --overwrite          # start over: deletes the old run's checkpoints and log
   NPROC_PER_NODE=2 ft-course train my_cfg.py --work-dir work_dirs/ddp --deepspeed zero2   # two processes (torchrun)"""
 
 def _launch_torchrun(nproc: int, argv) -> int:
@@ -633,7 +510,7 @@ def _launch_torchrun(nproc: int, argv) -> int:
     return subprocess.call(cmd)
 
 def train_cli(argv=None) -> int:
-    "`ft-course train CONFIG --work-dir DIR [--deepspeed zero1|zero2|zero3|FILE.json] [--resume auto|PATH] [--seed N] [--cfg-options k=v ...]`"
+    "`ft-course train CONFIG --work-dir DIR [--deepspeed zero1|zero2|zero3|FILE.json] [--resume auto|PATH] [--overwrite] [--seed N] [--cfg-options k=v ...]`"
     import argparse
     p = argparse.ArgumentParser(prog='ft-course train', description='Fine-tune a model as a config says.', epilog=_TRAIN_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -641,6 +518,8 @@ def train_cli(argv=None) -> int:
     p.add_argument('--work-dir', required=True, help='folder for logs, evaluation answers and checkpoints')
     p.add_argument('--deepspeed', help='zero1, zero2, zero3 or a DeepSpeed JSON file')
     p.add_argument('--resume', help="'auto' (newest checkpoint in the work dir) or a checkpoint folder")
+    p.add_argument('--overwrite', action='store_true', help="start over in a used work dir: delete its checkpoints, log and eval answers")
+    p.add_argument('--force-base', action='store_true', help='resume although the base model differs from the checkpoint\'s')
     p.add_argument('--seed', type=int)
     p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE', help='override config fields')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -653,7 +532,7 @@ def train_cli(argv=None) -> int:
         if a.deepspeed: cfg.deepspeed = a.deepspeed
         if a.seed is not None: cfg.seed = a.seed
         validate_config(cfg)
-        r = train(cfg, a.work_dir, resume=a.resume, progress=not a.no_progress)
+        r = train(cfg, a.work_dir, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite, force_base=a.force_base)
     except (ConfigError, FileNotFoundError) as e: return _cli_error(e)
     if _dist()[0] == 0: print(r)
     return 0
