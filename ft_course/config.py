@@ -118,18 +118,19 @@ DATA_GENERATOR_KINDS = ('self_cognition', 'fictional_corpus')   # the trainer's 
 
 ZERO_STAGES = {'zero1': 1, 'zero2': 2, 'zero3': 3, 'deepspeed_zero1': 1, 'deepspeed_zero2': 2, 'deepspeed_zero3': 3}
 
-# %% ../nbs/07_configs_checkpoints.ipynb #88c2f8bc
+# %% ../nbs/07_configs_checkpoints.ipynb #abf36e1e
 def _split_top(s: str) -> list[str]:
-    "`s` split at the commas outside brackets and quotes; an error for unbalanced brackets or quotes."
-    parts, cur, depth, quote = [], '', 0, None
+    "`s` split at the commas outside brackets and quotes (a quote opens only where an item starts: `[What's up?]` is text)."
+    parts, cur, depth, quote, prev = [], '', 0, None, ','
     for ch in s:
         if quote: quote = None if ch == quote else quote
-        elif ch in '\'"': quote = ch
+        elif ch in '\'"' and prev in '[(,{:': quote = ch
         elif ch in '([{': depth += 1
         elif ch in ')]}': depth -= 1
-        elif ch == ',' and depth == 0: parts.append(cur); cur = ''; continue
+        elif ch == ',' and depth == 0: parts.append(cur); cur, prev = '', ','; continue
         if depth < 0: raise ValueError(f"unbalanced brackets in {s!r}")
         cur += ch
+        if not ch.isspace(): prev = ch
     if depth or quote: raise ValueError(f"unbalanced brackets or quotes in {s!r}")
     return parts + [cur]
 
@@ -158,7 +159,7 @@ def _parse_value(s: str):
         return tuple(items) if t[0] == '(' else items
     return _scalar(t)
 
-# %% ../nbs/07_configs_checkpoints.ipynb #8613876f
+# %% ../nbs/07_configs_checkpoints.ipynb #72855914
 ALIASES = {'lora_rank': 'lora_r', 'rank': 'lora_r', 'r': 'lora_r', 'learning_rate': 'lr', 'epochs': 'max_epochs',
            'num_epochs': 'max_epochs', 'num_train_epochs': 'max_epochs', 'bs': 'batch_size', 'batch': 'batch_size',
            'micro_batch_size': 'batch_size', 'per_device_train_batch_size': 'batch_size', 'grad_accum': 'accumulative_counts',
@@ -218,7 +219,7 @@ def check_types(cfg: Config, where: str | None = None) -> Config:
             raise ConfigError(f"{src}: key '{k}' = {v!r}: expected {_type_name(tp)}, got {type(v).__name__}")
     return cfg
 
-# %% ../nbs/07_configs_checkpoints.ipynb #d41e72f8
+# %% ../nbs/07_configs_checkpoints.ipynb #d99da488
 def _option_value(raw: str, tp):
     "An option's value for a field of annotation `tp`: text fields take unquoted text as typed ('none' -> None), others `_parse_value`."
     t = raw.strip()
@@ -340,7 +341,7 @@ def validate_config(cfg: Config) -> Config:
            c, 'deepspeed', "None, 'zero1', 'zero2', 'zero3' or an existing .json file")
     return cfg
 
-# %% ../nbs/07_configs_checkpoints.ipynb #9bee33b8
+# %% ../nbs/07_configs_checkpoints.ipynb #794e71ea
 def generator_settings(cfg: Config) -> dict:
     "What a `data_generator`'s output depends on: its spec, and for self-cognition replay the model, template and system prompt writing the replayed answers."
     s, g = dict(data_generator=cfg.data_generator), cfg.data_generator or {}

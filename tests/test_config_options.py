@@ -43,6 +43,7 @@ def test_tuples_nested_and_quoted():
     assert _opt('betas=[0.8, 0.9]').betas == (0.8, 0.9)          # a list given to a tuple field becomes a tuple
     assert _opt('evaluation_inputs=[Who are you?, "Hi, you"]').evaluation_inputs == ['Who are you?', 'Hi, you']
     assert _opt('evaluation_inputs=[]').evaluation_inputs == []
+    assert _opt("evaluation_inputs=[What's up?, it's me]").evaluation_inputs == ["What's up?", "it's me"]   # an apostrophe is no quote
     g = _opt('data_generator={"kind": "self_cognition", "n": [[1, 2], [3, true]]}').data_generator
     assert g == {'kind': 'self_cognition', 'n': [[1, 2], [3, True]]}
     assert _opt("data_generator={'kind': 'self_cognition', 'n': (1, [2, 3])}").data_generator['n'] == (1, [2, 3])
