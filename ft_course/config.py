@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_configs_checkpoints.ipynb #f80edb84
 from __future__ import annotations
-import os, re, sys, json, math, time, shutil, ast, fnmatch, importlib, importlib.util, runpy, dataclasses
+import os, re, sys, json, math, time, shutil, ast, fnmatch, importlib, importlib.util, runpy, dataclasses, difflib, copy, typing, types, hashlib
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,9 @@ from .data import TEMPLATES, get_template, SFTDataset, masked_text, _err_exit
 
 
 # %% auto #0
-__all__ = ['DATA_GENERATOR_KINDS', 'ZERO_STAGES', 'Config', 'config_table', 'ConfigError', 'configs_dir', 'list_configs',
-           'config_path', 'apply_options', 'load_config', 'validate_config', 'list_cfg_cli', 'copy_config',
+__all__ = ['DATA_GENERATOR_KINDS', 'ZERO_STAGES', 'ALIASES', 'Config', 'config_table', 'ConfigError', 'configs_dir',
+           'list_configs', 'config_path', 'did_you_mean', 'field_types', 'check_types', 'apply_options', 'load_config',
+           'validate_config', 'generator_settings', 'stale_data', 'record_data', 'list_cfg_cli', 'copy_config',
            'copy_cfg_cli', 'log_dataset_cli']
 
 # %% ../nbs/07_configs_checkpoints.ipynb #58925461
@@ -38,13 +39,13 @@ class Config:
     lora_r: int = _f(64, "LoRA rank r (XTuner's default 64)")
     lora_alpha: float = _f(16, "LoRA alpha: the update is scaled by alpha/r (XTuner's default 16)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA branch's input (XTuner's default 0.1)")
-    lora_target_modules: Any = _f('all-linear', "which linear layers get LoRA: 'all-linear' (every one but the output head) or a list of names such as ['q_proj', 'v_proj']")
+    lora_target_modules: str | list | tuple = _f('all-linear', "which linear layers get LoRA: 'all-linear' (every one but the output head) or a list of names such as ['q_proj', 'v_proj']")
     dtype: str = _f('auto', "compute/weight dtype: 'auto' = bf16 on GPU, fp32 on CPU; or 'fp32', 'bf16', 'fp16'")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (put the model in training mode)")
     model_builder: str | None = _f(None, "'module:function' building (model, tokenizer) from the config; None = the causal-LM builder here")
     # --- data ---
     data_path: str | None = _f(None, "training data file (OpenAI messages / XTuner conversation / Alpaca JSON(L), or {'text': ...} for pretraining)")
-    data_generator: dict | None = _f(None, "how to create the data when data_path is missing, e.g. dict(kind='self_cognition', name=..., author=..., n=2000, replay=64)")
+    data_generator: dict | None = _f(None, "how to create the data when data_path is None (written to WORK_DIR/data/train.jsonl, regenerated when these settings change), e.g. dict(kind='self_cognition', name=..., author=..., n=2000, replay=64)")
     dataset_builder: str | None = _f(None, "'module:function' building (dataset, collate_fn) from (cfg, tokenizer); None = SFTDataset here")
     prompt_template: str = _f('chatml', "chat template name from `ft_course.data` (chatml, smollm2, internlm2_chat, llama3, default...)")
     system: str | None = _f(None, "system prompt put in every training sample and evaluation prompt (None: the template's default)")
@@ -108,47 +109,6 @@ def config_path(path_or_name) -> Path:
     raise ConfigError(f"config {str(path_or_name)!r}: no such file and no built-in config of that name; "
                       f"built-ins: {', '.join(list_configs())}")
 
-def _parse_value(s: str):
-    "`--cfg-options` value: a Python literal when it parses as one, else the string ('None' -> None)."
-    try: return ast.literal_eval(s)
-    except (ValueError, SyntaxError): return s
-
-def apply_options(cfg: Config, options: list[str] | None) -> Config:
-    "Apply `key=value` overrides (XTuner's `--cfg-options`); unknown keys are an error naming the key."
-    names = {f.name: f for f in fields(Config)}
-    for opt in options or []:
-        if '=' not in opt: raise ConfigError(f"--cfg-options {opt!r}: expected key=value")
-        k, v = opt.split('=', 1); k = k.strip()
-        if k not in names:
-            close = [n for n in names if k.split('.')[-1] in n]
-            raise ConfigError(f"--cfg-options: unknown key {k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ''))
-        v = _parse_value(v)
-        if isinstance(getattr(cfg, k), tuple) and isinstance(v, list): v = tuple(v)
-        if isinstance(getattr(cfg, k), float) and isinstance(v, int) and not isinstance(v, bool): v = float(v)
-        setattr(cfg, k, v)
-    return cfg
-
-def load_config(path_or_name, cfg_options: list[str] | None = None) -> Config:
-    "Read a config file (a Python file defining `config = Config(...)`) or a built-in by name, then apply overrides."
-    if isinstance(path_or_name, Config): return apply_options(replace(path_or_name), cfg_options)
-    path = config_path(path_or_name)
-    try: ns = runpy.run_path(str(path))
-    except Exception as e:
-        import traceback
-        tb = traceback.extract_tb(e.__traceback__)
-        line = next((fr.lineno for fr in reversed(tb) if Path(fr.filename).resolve() == path.resolve()), '?')
-        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from e
-    cfg = ns.get('config')
-    if type(cfg).__name__ == 'Config' and dataclasses.is_dataclass(cfg) and not isinstance(cfg, Config):
-        cfg = Config(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in Config.__dataclass_fields__})   # another copy of the class (a notebook)
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{path}: expected a variable `config = Config(...)` (from ft_course.train import Config), "
-                          f"found {type(cfg).__name__ if cfg is not None else 'none'}")
-    cfg = replace(cfg)
-    if not cfg.name: cfg.name = path.stem
-    cfg._source = str(path)
-    return apply_options(cfg, cfg_options)
-
 def _check(cond, cfg, key, expected):
     if not cond:
         src = getattr(cfg, '_source', None) or cfg.name or '<config>'
@@ -158,10 +118,172 @@ DATA_GENERATOR_KINDS = ('self_cognition', 'fictional_corpus')   # the trainer's 
 
 ZERO_STAGES = {'zero1': 1, 'zero2': 2, 'zero3': 3, 'deepspeed_zero1': 1, 'deepspeed_zero2': 2, 'deepspeed_zero3': 3}
 
+# %% ../nbs/07_configs_checkpoints.ipynb #abf36e1e
+def _split_top(s: str) -> list[str]:
+    "`s` split at the commas outside brackets and quotes (a quote opens only where an item starts: `[What's up?]` is text)."
+    parts, cur, depth, quote, prev = [], '', 0, None, ','
+    for ch in s:
+        if quote: quote = None if ch == quote else quote
+        elif ch in '\'"' and prev in '[(,{:': quote = ch
+        elif ch in '([{': depth += 1
+        elif ch in ')]}': depth -= 1
+        elif ch == ',' and depth == 0: parts.append(cur); cur, prev = '', ','; continue
+        if depth < 0: raise ValueError(f"unbalanced brackets in {s!r}")
+        cur += ch
+        if not ch.isspace(): prev = ch
+    if depth or quote: raise ValueError(f"unbalanced brackets or quotes in {s!r}")
+    return parts + [cur]
+
+def _scalar(s: str):
+    "One value without brackets, as mmengine's `DictAction` reads it: int, float, true/false (any case), none -> None, else the text."
+    s = s.strip()
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in '\'"': return s[1:-1]
+    for conv in (int, float):
+        try: return conv(s)
+        except ValueError: pass
+    if s.lower() in ('true', 'false'): return s.lower() == 'true'
+    return None if s.lower() == 'none' else s
+
+def _parse_value(s: str):
+    "A `--cfg-options` value: a Python literal when it is one, else read as mmengine's `DictAction` reads it (table above)."
+    t = s.strip()
+    parts = _split_top(t)
+    if len(parts) > 1: return [_parse_value(p) for p in parts if p.strip()]     # a,b -> a list (a Python literal would be a tuple)
+    try: return ast.literal_eval(t)                                              # 1e-4, [0.9, 0.95], {'kind': ...}, 'text', None
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError): pass
+    if t[:1] == '{':                                                              # JSON: {"n": 24, "lang": "en", "x": true}
+        try: return json.loads(t)
+        except ValueError: pass
+    if t[:1] + t[-1:] in ('[]', '()'):                                           # [q_proj, v_proj], (0.9, true), nested
+        items = [_parse_value(p) for p in _split_top(t[1:-1]) if p.strip()]
+        return tuple(items) if t[0] == '(' else items
+    return _scalar(t)
+
+# %% ../nbs/07_configs_checkpoints.ipynb #72855914
+ALIASES = {'lora_rank': 'lora_r', 'rank': 'lora_r', 'r': 'lora_r', 'learning_rate': 'lr', 'epochs': 'max_epochs',
+           'num_epochs': 'max_epochs', 'num_train_epochs': 'max_epochs', 'bs': 'batch_size', 'batch': 'batch_size',
+           'micro_batch_size': 'batch_size', 'per_device_train_batch_size': 'batch_size', 'grad_accum': 'accumulative_counts',
+           'gradient_accumulation_steps': 'accumulative_counts', 'accumulative_count': 'accumulative_counts',
+           'max_seq_len': 'max_length', 'max_seq_length': 'max_length', 'template': 'prompt_template',
+           'pretrained_model_name_or_path': 'model', 'target_modules': 'lora_target_modules', 'pack': 'pack_to_max_length',
+           'max_grad_norm': 'max_norm', 'optimizer': 'optim_type', 'warmup': 'warmup_ratio'}   # other trainers' names
+
+def did_you_mean(key: str) -> list[str]:
+    "Config fields a mistyped or foreign `key` may have meant: the alias table, then close spellings (difflib)."
+    names = [f.name for f in fields(Config)]
+    k = str(key).strip().lower().replace('-', '_')
+    if k in ALIASES: return [ALIASES[k]]
+    return difflib.get_close_matches(k, names, n=3, cutoff=0.6) or [n for n in names if len(k) > 2 and k in n][:3]
+
+def _unknown_key(key, where) -> ConfigError:
+    m = did_you_mean(key)
+    hint = f" (did you mean {' or '.join(repr(x) for x in m)}?)" if m else " (the fields: ft_course.config.config_table())"
+    return ConfigError(f"{where}unknown key {key!r}{hint}")
+
+def _args(tp) -> set:
+    "The types a union annotation allows (`int | None` -> {int, NoneType}), or {tp}."
+    return set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+
+def _type_ok(tp, v) -> bool:
+    "Does value `v` fit annotation `tp`? (ints fit floats, lists and tuples fit each other, paths fit strings)."
+    if tp is Any: return True
+    if len(_args(tp)) > 1: return any(_type_ok(a, v) for a in _args(tp))
+    if tp is type(None): return v is None
+    if tp is bool: return isinstance(v, bool)
+    if tp is int: return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str: return isinstance(v, (str, os.PathLike))
+    if tp in (list, tuple): return isinstance(v, (list, tuple))
+    return isinstance(v, tp)
+
+_TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', list: 'a list',
+               tuple: 'a tuple', dict: 'a dict', type(None): 'None'}
+
+def _type_name(tp) -> str:
+    "Words for an annotation: `int | None` -> 'an integer or None'."
+    a = list(typing.get_args(tp)) if len(_args(tp)) > 1 else [tp]
+    if list in a and tuple in a: a.remove(tuple)
+    if a == [tuple]: return 'a list or tuple'
+    return ' or '.join(_TYPE_WORDS.get(x, getattr(x, '__name__', str(x))) for x in a)
+
+def field_types() -> dict:
+    "Each config field's annotation, evaluated (`'int | None'` -> `int | None`)."
+    return typing.get_type_hints(Config)
+
+def check_types(cfg: Config, where: str | None = None) -> Config:
+    "Every field against its annotation; a `ConfigError` naming the key, the value and the expected type."
+    src = where or getattr(cfg, '_source', None) or cfg.name or '<config>'
+    for k, tp in field_types().items():
+        v = getattr(cfg, k)
+        if not _type_ok(tp, v):
+            raise ConfigError(f"{src}: key '{k}' = {v!r}: expected {_type_name(tp)}, got {type(v).__name__}")
+    return cfg
+
+# %% ../nbs/07_configs_checkpoints.ipynb #d99da488
+def _option_value(raw: str, tp):
+    "An option's value for a field of annotation `tp`: text fields take unquoted text as typed ('none' -> None), others `_parse_value`."
+    t = raw.strip()
+    if _args(tp) - {type(None)} == {str} and t[:1] not in ('"', "'") and t.lower() != 'none': return t
+    return _parse_value(t)
+
+def apply_options(cfg: Config, options: list[str] | None) -> Config:
+    "Apply `key=value` overrides (XTuner's `--cfg-options`; `key.sub=value` sets inside a dict field); each value type-checked."
+    types_ = field_types()
+    for opt in options or []:
+        if '=' not in opt: raise ConfigError(f"--cfg-options {opt!r}: expected key=value")
+        k, raw = opt.split('=', 1); k = k.strip()
+        head, *sub = k.split('.')
+        if head not in types_: raise _unknown_key(k, '--cfg-options: ')
+        if sub and not isinstance(getattr(cfg, head), dict):
+            raise ConfigError(f"--cfg-options {opt}: {head} = {getattr(cfg, head)!r} is not a dict, so {k!r} cannot be set")
+        try: v = _parse_value(raw) if sub else _option_value(raw, types_[k])
+        except ValueError as e: raise ConfigError(f"--cfg-options {opt}: {e}") from None
+        if sub:
+            d = top = copy.deepcopy(getattr(cfg, head))
+            for s in sub[:-1]:
+                if not isinstance(d.get(s), dict): d[s] = {}
+                d = d[s]
+            d[sub[-1]] = v; k, v = head, top
+        tp = types_[k]
+        if not _type_ok(tp, v): raise ConfigError(f"--cfg-options {opt}: {k} must be {_type_name(tp)}, got {v!r} ({type(v).__name__})")
+        if isinstance(v, list) and _args(tp) == {tuple}: v = tuple(v)                            # betas=[0.9,0.95] -> (0.9, 0.95)
+        if isinstance(v, int) and not isinstance(v, bool) and float in _args(tp) and int not in _args(tp): v = float(v)   # lr=1 -> 1.0
+        setattr(cfg, k, v)
+    return cfg
+
+def _config_error(path, e) -> ConfigError:
+    "A one-line error for an exception raised while running config file `path`: its line, and for a wrong key what it may have meant."
+    import traceback
+    tb = traceback.extract_tb(e.__traceback__)
+    line = next((fr.lineno for fr in reversed(tb) if Path(fr.filename).resolve() == path.resolve()), '?')
+    m = re.search(r"Config\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e)) if isinstance(e, TypeError) else None
+    if m:   # the line of the keyword itself, when the call spans several lines
+        try: line = next(n.lineno for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.keyword) and n.arg == m[1])
+        except (StopIteration, SyntaxError, ValueError, OSError): pass
+        return _unknown_key(m[1], f"{path}, line {line}: Config(...): ")
+    return ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}")
+
+def load_config(path_or_name, cfg_options: list[str] | None = None) -> Config:
+    "Read a config file (a Python file defining `config = Config(...)`) or a built-in by name, type-check it, then apply overrides."
+    if isinstance(path_or_name, Config): return apply_options(check_types(replace(path_or_name)), cfg_options)
+    path = config_path(path_or_name)
+    try: ns = runpy.run_path(str(path))
+    except Exception as e: raise _config_error(path, e) from e
+    cfg = ns.get('config')
+    if type(cfg).__name__ == 'Config' and dataclasses.is_dataclass(cfg) and not isinstance(cfg, Config):
+        cfg = Config(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in Config.__dataclass_fields__})   # another copy of the class (a notebook)
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: expected a variable `config = Config(...)` (from ft_course.train import Config), "
+                          f"found {type(cfg).__name__ if cfg is not None else 'none'}")
+    cfg = replace(cfg)
+    if not cfg.name: cfg.name = path.stem
+    cfg._source = str(path)
+    return apply_options(check_types(cfg), cfg_options)
+
 # %% ../nbs/07_configs_checkpoints.ipynb #e72ddcf7
 def validate_config(cfg: Config) -> Config:
     "Check every value before any model loads; raise `ConfigError` naming the key and what was expected."
-    c = cfg
+    c = check_types(cfg)
     _check(isinstance(c.model, str) and c.model.strip(), c, 'model', 'a model name or folder')
     _check(c.method in ('qlora', 'lora', 'full'), c, 'method', "'qlora', 'lora' or 'full'")
     _check(c.quant_backend in ('bnb', 'ft_course'), c, 'quant_backend', "'bnb' or 'ft_course'")
@@ -189,10 +311,12 @@ def validate_config(cfg: Config) -> Config:
         from ft_course.data import get_template
         get_template(c.prompt_template)
     except ValueError as e: raise ConfigError(f"{getattr(c, '_source', c.name)}: key 'prompt_template': {e}") from None
+    if c.data_path is not None:   # the user's data: it must exist; a data_generator never writes to it
+        p = Path(c.data_path).expanduser()
+        _check(p.exists() if c.dataset_builder else p.is_file(), c, 'data_path', 'an existing data file (no such file' +
+               ('; with data_path=None the data_generator writes WORK_DIR/data/train.jsonl)' if c.data_generator else ')'))
     if c.dataset_builder is None:
         _check(c.data_path is not None or c.data_generator is not None, c, 'data_path', 'a data file (or a data_generator)')
-        if c.data_path is not None and c.data_generator is None:
-            _check(Path(c.data_path).expanduser().is_file(), c, 'data_path', 'an existing data file (missing)')
         if c.data_generator is not None:
             _check(isinstance(c.data_generator, dict) and c.data_generator.get('kind') in DATA_GENERATOR_KINDS,
                    c, 'data_generator', f"None or a dict with kind in {sorted(DATA_GENERATOR_KINDS)}")
@@ -216,6 +340,38 @@ def validate_config(cfg: Config) -> Config:
     _check(c.deepspeed is None or c.deepspeed in ZERO_STAGES or str(c.deepspeed).endswith('.json') and Path(c.deepspeed).is_file(),
            c, 'deepspeed', "None, 'zero1', 'zero2', 'zero3' or an existing .json file")
     return cfg
+
+# %% ../nbs/07_configs_checkpoints.ipynb #794e71ea
+def generator_settings(cfg: Config) -> dict:
+    "What a `data_generator`'s output depends on: its spec, and for self-cognition replay the model, template and system prompt writing the replayed answers."
+    s, g = dict(data_generator=cfg.data_generator), cfg.data_generator or {}
+    if g.get('kind') == 'self_cognition' and g.get('replay'): s.update(model=cfg.model, prompt_template=cfg.prompt_template, system=cfg.system)
+    return s
+
+def _meta_path(out) -> Path: return Path(out).with_name(Path(out).name + '.meta.json')
+def _settings_hash(settings) -> str: return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+def _file_hash(p) -> str: return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+def stale_data(out, settings: dict) -> str | None:
+    "Why the generated data file `out` must be (re)generated for `settings`, or None when its record says it can be reused."
+    out, meta = Path(out), _meta_path(out)
+    if not out.is_file(): return 'not generated yet'
+    try: old = json.loads(meta.read_text())
+    except (OSError, ValueError): old = None
+    if not isinstance(old, dict): return f"no record of the settings it was generated with ({meta.name})"
+    if old.get('hash') != _settings_hash(settings):
+        was = old.get('settings') or {}; g0, g1 = was.get('data_generator') or {}, settings.get('data_generator') or {}
+        diff = [f"data_generator[{k!r}] {g0.get(k)!r} -> {g1.get(k)!r}" for k in sorted(set(g0) | set(g1), key=str) if g0.get(k) != g1.get(k)]
+        diff += [f"{k} {was.get(k)!r} -> {v!r}" for k, v in settings.items() if k != 'data_generator' and was.get(k) != v]
+        return 'settings changed: ' + (', '.join(diff) or 'see ' + meta.name)
+    if old.get('sha256') != _file_hash(out): return 'the file was changed after it was generated'
+    return None
+
+def record_data(out, settings: dict) -> Path:
+    "Write `out`.meta.json: the generator settings, their hash and the SHA-256 of the file generated from them."
+    with atomic_write(_meta_path(out)) as f:
+        json.dump(dict(settings=settings, hash=_settings_hash(settings), sha256=_file_hash(out)), f, indent=1, default=str)
+    return _meta_path(out)
 
 # %% ../nbs/07_configs_checkpoints.ipynb #ec4644a3
 def _cli_error(e) -> int:

@@ -304,14 +304,29 @@ class _Log:
         with atomic_write(self.path) as f: f.write(''.join(l + '\n' for l in keep))
 
 def prepare_data(cfg: Config, work_dir, model, tokenizer) -> Config:
-    "Create the run's data when the config has a `data_generator` and the file is not there yet (rank 0; others wait)."
+    """The run's data: a given `data_path` as it is (never written to); with `data_path` None, the `data_generator` writes
+    WORK_DIR/data/train.jsonl (rank 0; others wait), and again when the settings recorded beside it differ (lesson 07)."""
+    from ft_course.config import generator_settings, stale_data, record_data, _meta_path
     if cfg.data_generator is None or cfg.dataset_builder is not None: return cfg
-    out = Path(cfg.data_path) if cfg.data_path else Path(work_dir) / 'data' / 'train.jsonl'
-    rank, _ = _dist()
-    if rank == 0 and not out.is_file():
-        spec = dict(cfg.data_generator); kind = spec.pop('kind')
-        out.parent.mkdir(parents=True, exist_ok=True)
-        DATA_GENERATORS[kind](cfg, out, model=model, tokenizer=tokenizer, **spec)
+    rank, _ = _dist(); log = _Log(work_dir, rank == 0)
+    if rank == 0: Path(work_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.data_path is not None:
+        if not Path(cfg.data_path).expanduser().is_file():
+            raise ConfigError(f"{getattr(cfg, '_source', None) or cfg.name}: key 'data_path' = {cfg.data_path!r}: no such file "
+                              f"(with data_path=None the data_generator writes {Path(work_dir) / 'data' / 'train.jsonl'})")
+        log('info', f"training on data_path {cfg.data_path}; the data_generator is not run", step=0)
+        return cfg
+    out = Path(work_dir) / 'data' / 'train.jsonl'
+    if rank == 0:
+        settings = generator_settings(cfg); why = stale_data(out, settings)
+        if why is None: log('info', f"reusing {out}: generated with the same settings ({_meta_path(out).name})", step=0)
+        else:
+            if out.is_file(): log('info', f"regenerating {out}: {why}", step=0)
+            _meta_path(out).unlink(missing_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            spec = dict(cfg.data_generator); kind = spec.pop('kind')
+            DATA_GENERATORS[kind](cfg, out, model=model, tokenizer=tokenizer, **spec)
+            record_data(out, settings)
     _barrier()
     cfg.data_path = str(out)
     return cfg
