@@ -49,7 +49,8 @@ def _md(text):
 def show_call(m):
     with st.expander(_md(call_text(m))):
         st.code(json.dumps(m.get('arguments'), ensure_ascii=False) if m.get('name') else m.get('reply', ''), language='json')
-        (st.success if m.get('ok') else st.error)(m['content'])
+        if m.get('ok'): st.success(m['content'])
+        else: st.error(m['content'])
 
 box = None
 for msg in st.session_state.messages:   # one assistant message holds a question's tool calls and its answer
@@ -58,7 +59,9 @@ for msg in st.session_state.messages:   # one assistant message holds a question
         with st.chat_message('user'): st.markdown(msg['content'])
         continue
     box = box or st.chat_message('assistant')
-    with box: show_call(msg) if msg['role'] == 'tool' else st.markdown(msg['content'])
+    with box:   # statements, not a conditional expression: streamlit's "magic" would st.write an expression's value
+        if msg['role'] == 'tool': show_call(msg)
+        else: st.markdown(msg['content'])
 
 if prompt := st.chat_input('Ask me something'):
     with st.chat_message('user'): st.markdown(prompt)

@@ -191,6 +191,12 @@ def test_web_demo_tool_call_in_chromium(tmp_path):
         assert len(calls) == 1
         calls[0].find_element(By.TAG_NAME, 'summary').click()    # open it: the arguments as JSON, the observation
         wait.until(lambda d: '{"expression": "12*7+0.5"}' in ' '.join(calls[0].text.split()))
+        # a second question re-draws the first from the history (a call, then the answer) and adds its own
+        _ask_in_page(driver, wait, 'Once more?')
+        msgs = wait.until(lambda d: (lambda m: m if len(m) == 4 and answer in m[-1].text else False)(d.find_elements(By.CSS_SELECTOR, '[data-testid="stChatMessage"]')))
+        for m in (msgs[1], msgs[3]):
+            text = ' '.join(m.text.split())
+            assert call in text and text.index(call) < text.index(answer) and len(m.find_elements(By.CSS_SELECTOR, '[data-testid="stExpander"]')) == 1, text
         _reset_page(driver, wait)
 
 
@@ -250,9 +256,13 @@ def test_web_demo_cli_passes_tools(monkeypatch):
     assert web_demo_cli(['tiny-llama']) == 0 and '--tools' not in got[1]
 
 
-def test_web_demo_cli_unknown_tool(capsys):
+def test_web_demo_cli_unknown_tool(capsys, monkeypatch):
+    "An unknown tool name: one line, exit 2, and no server started."
+    import subprocess as sp
     from ft_course.chat import web_demo_cli
-    assert web_demo_cli(['tiny-llama', '--tools', 'calculator,shell']) == 2
+    started = []
+    monkeypatch.setattr(sp, 'call', lambda cmd: started.append(cmd) or 0)
+    assert web_demo_cli(['tiny-llama', '--tools', 'calculator,shell']) == 2 and started == []
     err = capsys.readouterr().err
     assert 'unknown tool' in err and 'shell' in err and len(err.strip().splitlines()) == 1, err
 
