@@ -8,8 +8,8 @@ import json, os, sys, time, threading
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ChatSession', 'chat_widget', 'load_chat_model', 'make_session', 'chat_session', 'chat_parser', 'chat_cli',
-           'web_demo_command', 'web_demo_cli']
+__all__ = ['ChatSession', 'chat_widget', 'call_text', 'scripted_generate', 'ToolSession', 'make_tool_session', 'load_chat_model',
+           'make_session', 'chat_session', 'chat_parser', 'chat_cli', 'web_demo_command', 'web_demo_cli']
 
 # %% ../nbs/11_chat.ipynb #ea0c9327
 def _stop_ids(tokenizer, stop_words) -> set[int]:
@@ -118,21 +118,36 @@ class ChatSession:
         return ''.join(self.stream(user))
 
 # %% ../nbs/11_chat.ipynb #84913834
-def chat_widget(session: ChatSession, height: str = '320px'):
-    "An ipywidgets chat box over `session`: type, press Enter (or Send), watch the reply stream in; Reset clears the history."
-    import html, ipywidgets as W
+def _row(m: dict) -> str:
+    "One history entry as HTML: a 'you:' or 'model:' line, or a tool call as a shaded block (red edge when it failed)."
+    import html
+    esc = lambda t: html.escape(t).replace(chr(10), '<br>')
+    if m['role'] == 'tool':
+        edge = '#5b8def' if m.get('ok') else '#d9534f'
+        return (f"<div class='ft-tool' style='margin:4px 0 4px 1.5em;padding:2px 8px;border-left:3px solid {edge};"
+                f"background:#f4f6fa;font-family:monospace;white-space:pre-wrap'>{esc(call_text(m))}</div>")
+    return f"<div style='margin:4px 0'><b>{'you' if m['role'] == 'user' else 'model'}:</b> {esc(m['content'])}</div>"
+
+def chat_widget(session: ChatSession, height: str = '320px', tools=None):
+    """An ipywidgets chat box over `session`: type, press Enter (or Send), watch the reply stream in; Reset clears the history.
+    A `ToolSession` (or `tools=` names, which turn a `ChatSession` into one) shows each tool call and its result as a
+    block before the answer."""
+    import ipywidgets as W
+    if tools is not None: session = ToolSession.of(session, tools)
     log = W.HTML(layout=W.Layout(border='1px solid #ddd', padding='6px', height=height, overflow='auto'))
     box = W.Text(placeholder='Say something and press Enter', continuous_update=False, layout=W.Layout(width='70%'))
     send, reset = W.Button(description='Send', button_style='primary'), W.Button(description='Reset')
-    row = lambda who, text: f"<div style='margin:4px 0'><b>{who}:</b> {html.escape(text).replace(chr(10), '<br>')}</div>"
-    def render(extra=()):
-        log.value = ''.join(row('you' if m['role'] == 'user' else 'model', m['content']) for m in session.history) + \
-                    ''.join(row(w, t) for w, t in extra)
+    def render(extra=()): log.value = ''.join(map(_row, list(session.history) + list(extra)))
     def submit(text):
         text = text.strip()
         if not text: return
-        reply = ''
-        for piece in session.stream(text): reply += piece; render([('you', text), ('model', reply + ' ▌')])
+        shown = [dict(role='user', content=text)]
+        if hasattr(session, 'tools'):   # a ToolSession: calls appear one by one, then the answer
+            wait = lambda: render(shown + [dict(role='assistant', content='▌')])
+            wait(); session.ask(text, on_step=lambda e: (shown.append(e), wait()))
+        else:
+            reply = ''
+            for piece in session.stream(text): reply += piece; render(shown + [dict(role='assistant', content=reply + ' ▌')])
         render()
     def on_value(ch):
         if ch['new'].strip(): t = ch['new']; box.value = ''; submit(t)
@@ -140,9 +155,65 @@ def chat_widget(session: ChatSession, height: str = '320px'):
     send.on_click(lambda _: (submit(box.value), setattr(box, 'value', '')))
     reset.on_click(lambda _: (session.reset(), render()))
     ui = W.VBox([log, W.HBox([box, send, reset])])
-    ui.submit, ui.chat_log, ui.reset_button = submit, log, reset   # handles for scripts and tests
+    ui.submit, ui.chat_log, ui.reset_button, ui.session = submit, log, reset, session   # handles for scripts and tests
     render()
     return ui
+
+# %% ../nbs/11_chat.ipynb #9803474d
+def call_text(m: dict) -> str:
+    "One tool entry of a history as a line: `🔧 calculator(expression='2+3') → 5` (an unreadable call: ⚠ and the reply)."
+    if m.get('name') is None: return f"⚠ unreadable tool call {m.get('reply', '')[:120]!r} → {m['content']}"
+    a = m.get('arguments')
+    args = ', '.join(f"{k}={v!r}" for k, v in a.items()) if isinstance(a, dict) else repr(a)
+    return f"🔧 {m['name']}({args}) → {m['content']}"
+
+def scripted_generate(replies):
+    "A stand-in for the model (tests, demos): `generate_fn` returning `replies` in order, one per prompt, round and round."
+    import itertools
+    it = itertools.cycle(list(replies))
+    return lambda texts: [next(it) for _ in texts]
+
+class ToolSession:
+    """Chat with tools: each `ask` runs `ft_course.agent.run_agent` (generate, parse, run the tool, observe, answer).
+    `history` holds the user turns, one `role='tool'` entry per call (name, arguments, content = the observation, ok)
+    and the answers; the model sees the user turns and answers of earlier questions, as `ft-course chat --tools` does."""
+    def __init__(self, model, tokenizer, tools, fmt='json', template='chatml', max_calls: int = 3, max_new_tokens: int = 256,
+                 generate_fn=None, history=None):
+        from ft_course.agent import get_tools, get_format
+        self.tools = tools if isinstance(tools, dict) else get_tools(tools)
+        self.model, self.tokenizer, self.fmt, self.template = model, tokenizer, get_format(fmt), template or 'chatml'
+        self.max_calls, self.max_new_tokens, self.generate_fn = max_calls, max_new_tokens, generate_fn
+        self.history, self.stats = list(history or []), {}
+
+    @classmethod
+    def of(cls, chat: ChatSession, tools, **kw):
+        "A `ToolSession` on a `ChatSession`'s model, tokenizer, template (ChatML when it uses the tokenizer's) and reply length."
+        return cls(chat.model, chat.tokenizer, tools, template=chat.template, max_new_tokens=chat.max_new_tokens, **kw)
+
+    def reset(self): self.history = []; self.stats = {}
+
+    def ask(self, user: str, on_step=None) -> str:
+        "The final answer to `user`; `on_step(entry)` sees each tool entry as soon as its observation is there."
+        from ft_course.agent import run_agent
+        turn, prior = [dict(role='user', content=user)], [m for m in self.history if m['role'] in ('user', 'assistant')]
+        def step(i, s):
+            p = s['parsed']
+            if p.kind == 'final': return
+            e = dict(role='tool', name=p.name if p.kind == 'call' else None, arguments=p.arguments if p.kind == 'call' else None,
+                     content=s['observation'] or '(not run: the tool-call limit is reached)', reply=s['reply'],
+                     ok=s['observation'] is not None and not s['observation'].startswith('error: '))
+            turn.append(e)
+            if on_step: on_step(e)
+        r = run_agent(self.model, self.tokenizer, [user], self.tools, self.fmt, self.template, self.max_calls, self.max_new_tokens,
+                      self.generate_fn, history=prior, on_step=step)[0]
+        answer = r.answer.strip() or f"(no answer: {r.stopped})"
+        self.history += turn + [dict(role='assistant', content=answer)]
+        self.stats = dict(tool_calls=len(turn) - 1, stopped=r.stopped)
+        return answer
+
+def make_tool_session(model, tokenizer, info: dict, tools, prompt_template=None, **kw) -> ToolSession:
+    "A `ToolSession` using `prompt_template` if given, else the template recorded at training time, else ChatML."
+    return ToolSession(model, tokenizer, tools, template=prompt_template or info.get('name') or 'chatml', **kw)
 
 # %% ../nbs/11_chat.ipynb #8d9ef659
 def load_chat_model(model, adapter=None, bits: int | None = None, device=None, dtype='auto', force_base: bool = False):
@@ -304,11 +375,11 @@ def web_demo_command(model, adapter=None, port: int = 8501, extra: list[str] | N
             '--global.developmentMode', 'false', '--', str(model)] + (['--adapter', str(adapter)] if adapter else []) + list(extra or [])
 
 def web_demo_cli(argv=None) -> int:
-    "`ft-course web-demo MODEL [--adapter DIR] [--port P]`: a streamlit chat page on http://127.0.0.1:P."
+    "`ft-course web-demo MODEL [--adapter DIR] [--port P] [--tools a,b]`: a streamlit chat page on http://127.0.0.1:P."
     import subprocess
     p = chat_parser('ft-course web-demo')
     p.description = 'A browser chat page (streamlit) on 127.0.0.1, streaming replies, with a Reset button.'
-    p.epilog = "examples:\n  ft-course web-demo smollm2 --adapter hf_adapter --port 8501\n  ft-course web-demo merged   # then open http://127.0.0.1:8501"
+    p.epilog = "examples:\n  ft-course web-demo smollm2 --adapter hf_adapter --port 8501\n  ft-course web-demo merged   # then open http://127.0.0.1:8501\n  ft-course web-demo smollm2 --adapter agent_adapter --tools calculator,lookup   # tool calls shown in the page"
     p.add_argument('--port', type=int, default=8501)
     args, rest = p.parse_known_args(argv)
     if rest: p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -316,8 +387,13 @@ def web_demo_cli(argv=None) -> int:
         print("ft-course web-demo: error: --llava/--image are for `ft-course chat`; the web demo serves text models", file=sys.stderr); return 2
     if args.adapter and not (Path(args.adapter) / 'adapter_config.json').exists():
         print(f"ft-course web-demo: error: {args.adapter}: no adapter_config.json; expected a peft adapter folder", file=sys.stderr); return 2
+    if args.tools:
+        from ft_course.agent import get_tools
+        try: get_tools(args.tools)
+        except ValueError as e: print(f"ft-course web-demo: error: --tools: {e}", file=sys.stderr); return 2
     fwd = []
-    for k in ('prompt_template', 'system', 'max_new_tokens', 'temperature', 'top_p', 'bits', 'seed'):
+    for k in ('prompt_template', 'system', 'max_new_tokens', 'temperature', 'top_p', 'bits', 'seed') + \
+             (('tools', 'tool_format', 'max_tool_calls') if args.tools else ()):
         v = getattr(args, k)
         if v is not None: fwd += [f"--{k.replace('_', '-')}", str(v)]
     cmd = web_demo_command(args.model, args.adapter, args.port, fwd)
