@@ -35,20 +35,23 @@ def window_backward(fwd, micro_batches, world: int = 1, engine=None, dev=None):
     """Forward and backward of one accumulation window (this process's micro-batches): each micro-batch's mean loss is
     scaled by its share of the trained tokens of the whole window on all processes, so the gradients add up to those
     of one batch holding them all. Returns (loss, trained tokens, real tokens) of the window on all processes; the
-    loss is None when the window has no trained token (its gradient is then zero)."""
+    loss is None when the window has no trained token (its gradient is then zero). Under DeepSpeed the engine steps
+    after every micro-batch but the last: that step, the update, is the caller's (after checking the loss)."""
     import torch
     counts = [n_trained(b['labels']) for b in micro_batches]
     N, R = _sum_over_ranks([sum(counts), sum(n_real(b) for b in micro_batches)], world, dev)
     # DDP and DeepSpeed average the gradients over the processes; DeepSpeed's backward also divides by its accumulation steps
     k = world * (engine.gradient_accumulation_steps() if engine is not None else 1) / max(N, 1)
     total = 0.0
-    for b, n in zip(micro_batches, counts):
+    for i, (b, n) in enumerate(zip(micro_batches, counts)):
         if dev is not None: b = {key: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for key, v in b.items()}
         loss = fwd(**b).loss                  # the mean over this micro-batch's n trained tokens
         # no trained token: the mean is 0/0; backpropagate a zero (every process still runs its backward, DDP needs it)
         part = loss * (n * k) if n else torch.nan_to_num(loss, 0.0, 0.0, 0.0) * 0.0
-        if engine is not None: engine.backward(part); engine.step()   # the engine steps at the window's last micro-batch
-        else: part.backward()
+        if engine is None: part.backward()
+        else:
+            engine.backward(part)
+            if i < len(micro_batches) - 1: engine.step()   # counts the micro-batch; the update comes at the last one
         if n: total += loss.detach().double().item() * n
     S, = _sum_over_ranks([total], world, dev)
     return (S / N if N else None), int(N), int(R)

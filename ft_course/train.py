@@ -520,10 +520,11 @@ def _micro_batches(ds, collate_fn, cfg, rank, world, m, total_micro, micro_per_e
             if m >= total_micro or m % micro_per_epoch == 0: break
 
 def _optimizer_step(cfg, params, opt, sched, engine, step=None):
-    "Clip the gradients and step (DeepSpeed's engine has stepped already); returns the gradient norm, stops on a NaN or inf one."
+    "Clip the gradients and step (DeepSpeed: the engine's last step of the window); returns the gradient norm, stops on a NaN or inf one."
     import torch
     from ft_course.accum import check_finite
-    if engine is not None: return engine.get_global_grad_norm()   # fp16 overflows are DeepSpeed's loss scaler's to skip
+    if engine is not None:   # the engine clips; fp16 overflows are its loss scaler's to skip
+        engine.step(); return engine.get_global_grad_norm()
     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float('inf'))
     check_finite(step, grad_norm=gn, lr=opt.param_groups[0]['lr'])   # before the update: the weights stay good
     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)

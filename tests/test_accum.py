@@ -63,7 +63,7 @@ def test_accumulated_gradient_is_the_one_batch_gradient(one_torch_thread):
 
 def _deepspeed_worker(rank, out):
     "One process under DeepSpeed ZeRO-2 (the trainer's own engine set-up), SGD lr=1, max_norm=None (no clipping): the update of one window is minus its gradient."
-    from ft_course.train import Config, init_distributed, _optimizer
+    from ft_course.train import Config, init_distributed, _optimizer, _optimizer_step
     from ft_course.accum import window_backward
     torch.set_num_threads(1)
     init_distributed(True)
@@ -75,6 +75,7 @@ def _deepspeed_worker(rank, out):
     params, opt, sched, engine, zero_stage, fwd = _optimizer(cfg, m, 1, 1, 'cpu')
     assert engine.gradient_accumulation_steps() == 3
     loss, _, _ = window_backward(fwd, micro, 1, engine)
+    _optimizer_step(cfg, params, opt, sched, engine, 1)   # the update: the engine's last step of the window
     torch.save({n: before[n] - p.detach() for n, p in engine.module.named_parameters() if p.requires_grad}, out)
 
 def test_deepspeed_one_process_takes_the_one_batch_step(tmp_path, one_torch_thread):
@@ -180,3 +181,24 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     rows = _rows(tmp_path / 'w')
     assert [r['step'] for r in rows] == [1] and all(math.isfinite(r[k]) for r in rows for k in ('loss', 'grad_norm'))
     assert sorted(p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()) == ['iter_1']
+
+def _cli(args, env=None):
+    code = 'import sys\nfrom ft_course.train import train_cli\nsys.exit(train_cli(sys.argv[1:]))'
+    p = subprocess.run([sys.executable, '-c', code, *args, '--no-progress'], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+    assert p.returncode == 0, p.stderr[-3000:]
+
+def test_one_process_ddp_and_zero2_train_alike(tmp_path):
+    """One process with micro-batches of 4, and two (DDP, then DeepSpeed ZeRO-2) with micro-batches of 2: each step's window
+    holds the same 8 samples (rank r takes every other one), so with the one-big-batch gradient the runs log the same losses."""
+    recs = RECS * 6
+    (tmp_path / 'a').mkdir(); (tmp_path / 'b').mkdir()
+    one, two = _cfg(tmp_path / 'a', recs, batch_size=4, max_steps=3), _cfg(tmp_path / 'b', recs, batch_size=2, max_steps=3)
+    _cli([str(one), '--work-dir', str(tmp_path / 'one')])
+    _cli([str(two), '--work-dir', str(tmp_path / 'ddp')], env={'NPROC_PER_NODE': '2'})
+    _cli([str(two), '--work-dir', str(tmp_path / 'zero2'), '--deepspeed', 'zero2'], env={'NPROC_PER_NODE': '2'})
+    a, b, c = (_rows(tmp_path / w) for w in ('one', 'ddp', 'zero2'))
+    assert len(a) == len(b) == len(c) == 3 and a[-1]['loss'] != a[0]['loss']
+    for x, y, z in zip(a, b, c):
+        assert x['loss'] == pytest.approx(y['loss'], abs=1e-5) and x['loss'] == pytest.approx(z['loss'], abs=1e-5), (a, b, c)
+    assert [r['trained_tokens'] for r in a] == [r['trained_tokens'] for r in b] == [r['trained_tokens'] for r in c]
