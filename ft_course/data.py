@@ -13,8 +13,8 @@ from pathlib import Path
 __all__ = ['TEMPLATES', 'ROLES', 'ChatTemplate', 'register_template', 'get_template', 'chat_segments', 'render_chat',
            'TemplateCheck', 'check_template', 'DataError', 'detect_format', 'normalise_record', 'iter_raw',
            'iter_records', 'read_records', 'load_records_hf', 'encode_record', 'html_tokens', 'show_tokens',
-           'masked_text', 'pack_samples', 'packed_attention_mask', 'collate', 'SFTDataset', 'DatasetReport',
-           'check_dataset', 'check_dataset_cli']
+           'masked_text', 'pack_samples', 'packed_attention_mask', 'collate', 'trained_tokens', 'SFTDataset',
+           'DatasetReport', 'check_dataset', 'check_dataset_cli']
 
 # %% ../nbs/04_data.ipynb #05e1a454
 @dataclass(frozen=True)
@@ -369,6 +369,10 @@ def collate(batch, pad_id, packed='mask', mask_dtype=None, pad_to=None) -> dict:
     return out
 
 # %% ../nbs/04_data.ipynb #0b0bbbc4
+def trained_tokens(labels) -> int:
+    "Trained tokens of one sample: labels that are not -100 after the shift by one (the first position predicts nothing)"
+    return sum(l != -100 for l in labels[1:])
+
 class SFTDataset:
     "Torch-style dataset of encoded (optionally packed) samples from a data file or a list of records"
     def __init__(self, path_or_records, tokenizer, template='chatml', max_length=2048, pack=False, packed='mask'):
@@ -377,7 +381,9 @@ class SFTDataset:
         if isinstance(recs, (str, os.PathLike)): recs = read_records(recs)
         else: recs = [normalise_record(r) for r in recs]
         self.records = recs
-        self.samples = [encode_record(r, tokenizer, self.template, max_length) for r in recs]
+        full = [encode_record(r, tokenizer, self.template, 10 ** 9) for r in recs]    # truncated below: the trainer checks what is lost
+        self.samples = [{k: v[:max_length] for k, v in e.items()} for e in full]
+        self.trained_before_truncation = [trained_tokens(e['labels']) for e in full]
         self.items = pack_samples(self.samples, max_length) if pack else self.samples
     def __len__(self): return len(self.items)
     def __getitem__(self, i): return self.items[i]

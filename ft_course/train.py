@@ -222,7 +222,7 @@ def deepspeed_config(cfg: Config, spec: str, world: int = 1) -> dict:
     fill('train_micro_batch_size_per_gpu', cfg.batch_size)
     fill('gradient_accumulation_steps', cfg.accumulative_counts)
     d['train_batch_size'] = d['train_micro_batch_size_per_gpu'] * d['gradient_accumulation_steps'] * world
-    if cfg.max_norm: fill('gradient_clipping', cfg.max_norm)
+    fill('gradient_clipping', cfg.max_norm or 0.0)   # None: no clipping (DeepSpeed's own default clips at 1.0)
     import torch
     dt = _torch_dtype(cfg)
     if dt == torch.bfloat16: d.setdefault('bf16', {'enabled': True})
@@ -404,20 +404,16 @@ def _micro_batches(ds, collate_fn, cfg, rank, world, m, total_micro, micro_per_e
             m += 1
             if m >= total_micro or m % micro_per_epoch == 0: break
 
-def _optimizer_step(cfg, params, opt, sched, engine):
-    "Clip the gradients and step (DeepSpeed's engine has stepped already); returns the gradient norm."
+def _optimizer_step(cfg, params, opt, sched, engine, step=None):
+    "Clip the gradients and step (DeepSpeed: the engine's last step of the window); returns the gradient norm, stops on a NaN or inf one."
     import torch
-    if engine is not None: return engine.get_global_grad_norm()
+    from ft_course.accum import check_finite
+    if engine is not None:   # the engine clips; fp16 overflows are its loss scaler's to skip
+        engine.step(); return engine.get_global_grad_norm()
     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float('inf'))
+    check_finite(step, grad_norm=gn, lr=opt.param_groups[0]['lr'])   # before the update: the weights stay good
     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
     return gn
-
-def _mean_over_ranks(acc_loss, acc_tok, world, dev):
-    "The loss averaged and the tokens summed over the processes."
-    if world == 1: return acc_loss, acc_tok
-    import torch, torch.distributed as dist
-    t = torch.tensor([acc_loss, float(acc_tok)], device=dev if dev.startswith('cuda') else 'cpu'); dist.all_reduce(t)
-    return t[0].item() / world, int(t[1].item())
 
 
 # %% ../nbs/06_training_loop.ipynb #3b60c0f7
@@ -457,6 +453,8 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
     ckpt = prepare_work_dir(work_dir, resume, cfg, log, overwrite, force_base)   # refuses a used work dir, checks a resume
     seed_everything(cfg.seed)
     cfg, model, tok, dev, ds, collate_fn = _model_and_data(cfg, work_dir)
+    from ft_course.accum import window_backward, check_finite, check_truncation
+    if (warn := check_truncation(ds, cfg.max_length, getattr(cfg, '_source', cfg.name))): log('info', warn, step=0)   # before any step or evaluation
     n, accum = len(ds), cfg.accumulative_counts
     micro_per_epoch, total_steps, total_micro = _step_counts(cfg, n, world)
     params, opt, sched, engine, zero_stage, fwd = _optimizer(cfg, model, total_steps, world, dev)
@@ -471,34 +469,29 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
     if start_step == 0: evals[0] = _evaluate(cfg, model, tok, 0, work_dir, log, zero_stage == 3)
     if rng is not None: _set_rng_state(rng)
     model.train()
-    step, acc_loss, acc_tok, t0 = start_step, 0.0, 0, time.time()
+    step, window, t0 = start_step, [], time.time()
     bar = tqdm(total=total_steps, initial=start_step, desc='train (optimizer steps)', disable=not (main and progress), dynamic_ncols=True)
-    for ep, m, batch in _micro_batches(ds, collate_fn, cfg, rank, world, start_step * accum, total_micro, micro_per_epoch):
-        batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        loss = fwd(**batch).loss
-        if engine is not None: engine.backward(loss)
-        else: (loss / accum).backward()
-        acc_loss += loss.detach().float().item() / accum
-        acc_tok += int(batch['input_ids'].numel()) if 'input_ids' in batch else 0
-        lr = opt.param_groups[0]['lr']   # the rate this optimizer step uses
-        if engine is not None: engine.step()
-        if (m + 1) % accum: continue     # not the last micro-batch of an optimizer step
-        gn = _optimizer_step(cfg, params, opt, sched, engine)
-        step += 1
-        acc_loss, acc_tok = _mean_over_ranks(acc_loss, acc_tok, world, dev)
-        dt = time.time() - t0
-        log('train', step=step, micro_step=(m + 1), epoch=round((m + 1) / micro_per_epoch, 4), loss=round(acc_loss, 6),
-            lr=lr, grad_norm=float(gn) if gn is not None else None, tokens_per_s=round(acc_tok / max(dt, 1e-9), 1),
-            peak_mem=_peak_memory(), step_s=round(dt, 3))
-        losses.append(acc_loss)
-        bar.update(1); bar.set_postfix(loss=f'{acc_loss:.3f}', lr=f'{lr:.2e}')
-        _debug_kill('after_step', step)
-        if step % cfg.evaluation_freq == 0 and step < total_steps: evals[step] = _evaluate(cfg, model, tok, step, work_dir, log, zero_stage == 3)
-        if step % cfg.save_steps == 0 or step == total_steps:
-            ckpts.append(_save_checkpoint(cfg, work_dir, step, m + 1, ep, model, opt, sched, engine, zero_stage, log))
-            if main: plot_log(work_dir)
-        acc_loss, acc_tok, t0 = 0.0, 0, time.time()
-    bar.close()
+    try:
+        for ep, m, batch in _micro_batches(ds, collate_fn, cfg, rank, world, start_step * accum, total_micro, micro_per_epoch):
+            window.append(batch)
+            if (m + 1) % accum: continue     # the accumulation window is not complete yet
+            lr = opt.param_groups[0]['lr']   # the rate this optimizer step uses
+            loss, n_trained, n_real = window_backward(fwd, window, world, engine, dev)   # the loss of the window as one batch
+            check_finite(step + 1, loss=loss, lr=lr)   # a NaN or inf loss stops the run before its update
+            gn = _optimizer_step(cfg, params, opt, sched, engine, step + 1)
+            step, window, dt = step + 1, [], time.time() - t0
+            log('train', step=step, micro_step=(m + 1), epoch=round((m + 1) / micro_per_epoch, 4), loss=None if loss is None else round(loss, 6),
+                lr=lr, grad_norm=float(gn) if gn is not None else None, trained_tokens=n_trained, real_tokens=n_real,
+                tokens_per_s=round(n_real / max(dt, 1e-9), 1), peak_mem=_peak_memory(), step_s=round(dt, 3))
+            losses.append(float('nan') if loss is None else loss)
+            bar.update(1); bar.set_postfix(loss=f'{loss:.3f}' if loss is not None else '-', lr=f'{lr:.2e}')
+            _debug_kill('after_step', step)
+            if step % cfg.evaluation_freq == 0 and step < total_steps: evals[step] = _evaluate(cfg, model, tok, step, work_dir, log, zero_stage == 3)
+            if step % cfg.save_steps == 0 or step == total_steps:
+                ckpts.append(_save_checkpoint(cfg, work_dir, step, m + 1, ep, model, opt, sched, engine, zero_stage, log))
+                if main: plot_log(work_dir)
+            t0 = time.time()
+    finally: bar.close()
     if step > start_step or start_step == total_steps: evals[step] = _evaluate(cfg, model, tok, step, work_dir, log, zero_stage == 3)
     if main and read_log(work_dir): plot_log(work_dir)
     log('info', f"done: {step} optimizer steps in {time.time() - t_start:.0f} s; checkpoints in {work_dir / 'checkpoints'}", step=step)

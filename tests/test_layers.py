@@ -8,7 +8,7 @@ MAX_LINES = 700
 LAYERS = {'A foundations': ['core', 'models'],
           'B building blocks': ['lora', 'nf4', 'data', 'selfcog', 'shapes', 'export_gguf', 'agent'],
           'C fast path': ['kernels', 'fast'],
-          'D trainer': ['config', 'checkpoint', 'train'],
+          'D trainer': ['config', 'checkpoint', 'accum', 'train'],
           'E on the trainer': ['llava', 'convert', 'llava_data'],
           'F pipelines and apps': ['selfcog_run', 'chat', 'bench', 'cli', 'docs', 'web_demo_app']}
 ORDER = [m for ms in LAYERS.values() for m in ms]
