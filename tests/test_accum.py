@@ -166,7 +166,8 @@ def test_every_answer_cut_off_fails_before_training(tmp_path):
         wd = tmp_path / f'w{pack}'
         with pytest.raises(ConfigError, match=r"all 40 samples lose all their trained tokens at max_length=16"):
             train(_cfg(tmp_path, recs, max_length=16, pack_to_max_length=pack), wd, progress=False)
-        assert not (wd / 'checkpoints').exists() and not _rows(wd)
+        assert not (wd / 'checkpoints').exists() and not (wd / 'eval').exists()   # stopped before the step-0 evaluation
+        assert not (wd / 'log.jsonl').exists() or not _rows(wd)
 
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     "SGD at lr=1e30 unclipped: step 1 is fine, its update blows the LoRA weights up, step 2's loss is NaN: one line, exit 2, no NaN logged."
