@@ -6,6 +6,9 @@ listed in settings.ini's tst_flags (gpu, slow, multigpu, notest) are skipped unl
 
 `--only` runs the notebook's set-up (exported cells and cells that only import or define) and then just the cells with
 those ids, keeping every other cell's stored outputs: for cells that read committed records.
+
+It records in the notebook's metadata (`ft_course`: the date and, for each code cell it ran, a hash of its source and
+the size) what `ft-course docs --check-stale` compares the cells with: run nbdev_clean afterwards, as before a commit.
 """
 import argparse, configparser, os, sys, time
 from pathlib import Path
@@ -35,7 +38,12 @@ def main(argv=None):
         d = extract_directives(cell, remove=False)
         if skip & set(d) or 'eval:' in d and str(d['eval:'][0]).lower() == 'false': return True
         if a.only is not None and cell.get('id') not in a.only: return not _setup(cell, d)
+        if a.only is None or cell.get('id') in a.only: ran.add(cell.get('id'))
         return False
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ft_course.core import size
+    from ft_course.docs import record_execution
+    sz, ran = size(), set()
     os.chdir(path.parent)
     t0 = time.time()
     if a.only is not None:
@@ -44,8 +52,9 @@ def main(argv=None):
     if a.only is not None:
         for c in nb.cells:
             if c.get('id') in keep: c['outputs'] = keep[c['id']]
+    record_execution(nb, sz, ids=ran)   # only the cells whose outputs this run made
     write_nb(nb, path)
-    print(f"{path.name}: executed in {time.time() - t0:.0f} s (size {os.environ.get('FT_COURSE_SIZE', 'default')}), skipped flags: {' '.join(sorted(skip))}")
+    print(f"{path.name}: executed in {time.time() - t0:.0f} s (size {sz}), skipped flags: {' '.join(sorted(skip))}")
 
 if __name__ == '__main__':
     sys.exit(main())
