@@ -68,3 +68,13 @@ def test_nbdev_clean_keeps_the_record(executed, tmp_path):
 def test_repository_notebooks_are_current():
     problems, _ = check_stale(ROOT / 'nbs')
     assert problems == [], '\n'.join(problems)
+
+def test_execute_stops_on_a_syntax_error(tmp_path):
+    "execnb prints a SyntaxError as the cell's output and goes on; execute_nb.py writes nothing then."
+    p = tmp_path / 'n.ipynb'
+    nbformat.write(_nb('x = 1', "print('a' b')"), p)
+    before = p.read_text()
+    env = dict(os.environ, FT_COURSE_SIZE='laptop', PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / 'tools/execute_nb.py'), str(p)], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and 'cell id c1 line 1' in r.stderr, r.stderr
+    assert p.read_text() == before

@@ -24,7 +24,11 @@ def _setup(cell, d) -> bool:
     except SyntaxError: return False
     return all(isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)) for n in tree.body)
 
+class CellSyntaxError(Exception):
+    "execnb prints a cell's SyntaxError as output and goes on: we stop before running such a cell."
+
 def main(argv=None):
+    from IPython.core.inputtransformer2 import TransformerManager
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('notebook'); ap.add_argument('--flags', default='', help='space-separated flags to run too')
     ap.add_argument('--only', nargs='*', default=None, help='cell ids to run (with the set-up cells)')
@@ -39,6 +43,8 @@ def main(argv=None):
         if skip & set(d) or 'eval:' in d and str(d['eval:'][0]).lower() == 'false': return True
         if a.only is not None and cell.get('id') not in a.only: return not _setup(cell, d)
         if a.only is None or cell.get('id') in a.only: ran.add(cell.get('id'))
+        try: compile(TransformerManager().transform_cell(cell.source), f"cell {cell.get('id')}", 'exec')
+        except SyntaxError as e: raise CellSyntaxError(f"cell id {cell.get('id')} line {e.lineno}: {e.msg}") from None
         return False
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ft_course.core import size
@@ -48,10 +54,17 @@ def main(argv=None):
     t0 = time.time()
     if a.only is not None:
         keep = {c.get('id'): c.get('outputs') for c in nb.cells if c.cell_type == 'code' and c.get('id') not in a.only}
-    CaptureShell(path).run_all(nb, exc_stop=True, preproc=preproc)
+    try: CaptureShell(path).run_all(nb, exc_stop=True, preproc=preproc)
+    except CellSyntaxError as e:
+        print(f"{path.name}: {e}; notebook not written", file=sys.stderr); return 1
     if a.only is not None:
         for c in nb.cells:
             if c.get('id') in keep: c['outputs'] = keep[c['id']]
+    errs = [(i, c) for i, c in enumerate(nb.cells) if c.get('id') in ran and any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
+    if errs:   # a SyntaxError is shown as an output, not raised: nothing is written then
+        i, c = errs[0]; e = next(o for o in c['outputs'] if o.get('output_type') == 'error')
+        print(f"{path.name}: cell {i} (id {c.get('id')}) failed: {e.get('ename')}: {e.get('evalue')}; notebook not written", file=sys.stderr)
+        return 1
     record_execution(nb, sz, ids=ran)   # only the cells whose outputs this run made
     write_nb(nb, path)
     print(f"{path.name}: executed in {time.time() - t0:.0f} s (size {sz}), skipped flags: {' '.join(sorted(skip))}")
