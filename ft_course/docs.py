@@ -8,9 +8,10 @@ import re, json, html, shutil, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['MATHJAX', 'cell_options', 'front_matter', 'prepare_nb', 'notebook_pages', 'show_doc_entry', 'site_links',
-           'clean_outputs', 'mathjax_files', 'sphinx_conf', 'default_exp', 'api_page', 'toctree', 'write_sources',
-           'render_readme', 'process_notebooks', 'sphinx_build', 'build_docs', 'check_site', 'docs_cli']
+__all__ = ['MATHJAX', 'STALE_PENDING', 'cell_options', 'front_matter', 'prepare_nb', 'notebook_pages', 'show_doc_entry',
+           'site_links', 'clean_outputs', 'mathjax_files', 'sphinx_conf', 'default_exp', 'api_page', 'toctree',
+           'write_sources', 'render_readme', 'process_notebooks', 'sphinx_build', 'build_docs', 'check_site',
+           'docs_cli', 'cell_hash', 'record_execution', 'stale_cells', 'read_pending', 'check_stale', 'check_stale_cli']
 
 # %% ../nbs/91_docs.ipynb #98294b98
 _re_opt = re.compile(r'^#\|\s*([\w-]+)\s*:\s*(.*)$')
@@ -296,19 +297,22 @@ def check_site(out='_site', nbs_path='nbs') -> list[str]:
     return problems
 
 def docs_cli(argv=None) -> int:
-    "`ft-course docs [--out DIR] [--no-readme] [--check]`"
+    "`ft-course docs [--out DIR] [--no-readme] [--check] [--check-stale]`"
     import argparse, time
     p = argparse.ArgumentParser(prog='ft-course docs', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Build the docs site from the notebooks with Sphinx + MyST-NB (no Quarto needed) and regenerate README.md from nbs/index.ipynb.',
         epilog="examples:\n  ft-course docs                 # _site/index.html + README.md\n"
                "  ft-course docs --check         # also verify every notebook has a page linked from home\n"
+               "  ft-course docs --check-stale   # only check that stored outputs match their cells (no build)\n"
                "  nbdev_docs                     # the Quarto site, where Quarto is installed")
     p.add_argument('--nbs', default='nbs', help='notebook folder (default: nbs)')
     p.add_argument('--out', default='_site', help='output folder (default: _site)')
     p.add_argument('--no-readme', action='store_true', help='do not rewrite README.md')
     p.add_argument('--check', action='store_true', help='fail if a notebook has no page or the home page misses a link')
+    p.add_argument('--check-stale', action='store_true', help='only check that every stored output comes from a recorded laptop/full run of its current cell')
     a = p.parse_args(argv)
     if not Path(a.nbs).is_dir(): raise FileNotFoundError(f"{a.nbs}: no such notebook folder (run from the repository root)")
+    if a.check_stale: return check_stale_cli(a.nbs)
     t = time.time()
     out = build_docs(a.nbs, a.out, readme=None if a.no_readme else 'README.md')
     print(f"site: {out}/index.html ({len(list(Path(out).glob('*.html')))} pages, {time.time() - t:.0f} s)" + ('' if a.no_readme else '; README.md regenerated'))
@@ -317,4 +321,93 @@ def docs_cli(argv=None) -> int:
         for pr in problems: print('problem:', pr)
         if problems: return 1
         print('check: every notebook has a page and the home page links to each')
+    return 0
+
+# %% ../nbs/91_docs.ipynb #43e956ff
+STALE_PENDING = 'stale_pending.txt'
+
+def cell_hash(source) -> str:
+    "The first 12 hex digits of the sha256 of a code cell's source (a string, or nbformat's list of lines)."
+    import hashlib
+    if not isinstance(source, str): source = ''.join(source)
+    return hashlib.sha256(source.encode('utf-8')).hexdigest()[:12]
+
+def record_execution(nb, size: str, ids=None, date: str | None = None) -> dict:
+    """Record in `nb.metadata['ft_course']` the run that just made the outputs of the code cells `ids` (None: all):
+    `cells: {id: 'HASH SIZE'}`, the hash of each one's source and the size it ran at, and the date. Cells the run
+    skipped keep their records. nbdev_clean keeps the key (settings.ini `allowed_metadata_keys`)."""
+    import datetime
+    code = [c for c in nb['cells'] if c['cell_type'] == 'code']
+    cells = dict((nb['metadata'].get('ft_course') or {}).get('cells', {}))
+    cells.update({c['id']: f"{cell_hash(c['source'])} {size}" for c in code if ids is None or c.get('id') in ids})
+    live = {c.get('id') for c in code}
+    rec = {'executed': date or datetime.date.today().isoformat(), 'cells': {k: v for k, v in sorted(cells.items()) if k in live}}
+    nb['metadata']['ft_course'] = rec
+    return rec
+
+# %% ../nbs/91_docs.ipynb #be6178d8
+def _first_line(source) -> str:
+    src = source if isinstance(source, str) else ''.join(source)
+    lines = [l for l in src.splitlines() if l.strip() and not l.lstrip().startswith('#|')]
+    return (lines[0].strip() if lines else '')[:70]
+
+def stale_cells(nb, name: str = 'notebook', unrecorded: bool = True) -> list[str]:
+    """One line per code cell with stored outputs that no record of a non-test run at its current source produced
+    (`unrecorded=False`: only cells whose record no longer matches, or says 'test')."""
+    cells, out = (nb.get('metadata', {}).get('ft_course') or {}).get('cells', {}), []
+    for i, c in enumerate(nb['cells']):
+        if c['cell_type'] != 'code' or not c.get('outputs'): continue
+        cid, where = c.get('id'), f"{name} cell {i} (id {c.get('id')})"
+        h, _, size = str(cells.get(cid, '')).partition(' ')
+        if cid not in cells:
+            if not unrecorded: continue
+            why = 'outputs no execution recorded'
+        elif h != cell_hash(c['source']): why = 'source edited since its outputs were made'
+        elif size == 'test': why = "outputs from a 'test'-size run"
+        elif size not in ('laptop', 'full'): why = f"recorded size {size!r} is not laptop or full"
+        else: continue
+        out.append(f"{where}: {why}: {_first_line(c['source'])}")
+    return out
+
+def read_pending(path) -> dict[str, str]:
+    "The pending list: one `NOTEBOOK reason...` a line (`#` comments), notebooks whose outputs still await a laptop run."
+    path, res = Path(path), {}
+    if not path.exists(): return res
+    for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+        line = line.split('#', 1)[0].strip()
+        if not line: continue
+        name, _, why = line.partition(' ')
+        if not name.endswith('.ipynb') or not why.strip():
+            raise ValueError(f"{path}:{n}: expected 'NOTEBOOK.ipynb reason', got {line!r}")
+        res[name] = why.strip()
+    return res
+
+# %% ../nbs/91_docs.ipynb #3d2eb90e
+def check_stale(nbs_path='nbs', pending=None) -> tuple[list[str], list[str]]:
+    """(problems, pending): stale cells of every notebook under `nbs_path`, and the notebooks the pending list
+    (`nbs_path/stale_pending.txt`) excuses. The list excuses only cells without a record: an edit to a cell that was
+    executed is stale all the same, and a listed notebook with nothing left to excuse must leave the list."""
+    nbs_path = Path(nbs_path)
+    pend = read_pending(nbs_path / STALE_PENDING if pending is None else pending)
+    nbs = {str(p.relative_to(nbs_path)): p for p in sorted(nbs_path.rglob('*.ipynb')) if '.ipynb_checkpoints' not in p.parts}
+    problems, waiting = [f"{STALE_PENDING}: {n} is not a notebook in {nbs_path}" for n in pend if n not in nbs], []
+    for name, p in nbs.items():
+        nb = json.loads(p.read_text(encoding='utf-8'))
+        stale = stale_cells(nb, f"{nbs_path}/{name}")
+        if name not in pend: problems += stale; continue
+        edited = stale_cells(nb, f"{nbs_path}/{name}", unrecorded=False)
+        problems += edited
+        if len(stale) > len(edited): waiting.append(f"{name}: pending ({len(stale) - len(edited)} cells without a record): {pend[name]}")
+        else: problems.append(f"{STALE_PENDING}: {name} has no cell left to excuse: remove its line")
+    return problems, waiting
+
+def check_stale_cli(nbs_path='nbs') -> int:
+    "Print one line per stale cell and per pending notebook; 1 if any cell is stale."
+    problems, waiting = check_stale(nbs_path)
+    for w in waiting: print(w)
+    for pr in problems: print('stale:', pr)
+    if problems:
+        print(f"{len(problems)} stale: re-run the notebook (FT_COURSE_SIZE=laptop python tools/execute_nb.py NOTEBOOK) or its cells (--only ID)")
+        return 1
+    print(f"stored outputs current ({len(waiting)} notebooks pending a laptop run)")
     return 0

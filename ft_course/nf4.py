@@ -15,7 +15,8 @@ from torch import nn, Tensor
 __all__ = ['NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'CODES', 'make_nf4_code', 'quantize_4bit_generic', 'dequantize_4bit_generic',
            'fake_quantize', 'pack_4bit', 'unpack_4bit', 'make_dynamic_map', 'BlockwiseState', 'quantize_blockwise_8bit',
            'dequantize_blockwise_8bit', 'NF4State', 'quantize_nf4', 'dequantize_nf4', 'LinearNF4', 'quantize_model',
-           'model_bytes', 'bnb_linear4bit', 'doc_text', 'perplexity', 'fake_quantize_model_', 'qlora_memory_budget']
+           'model_bytes', 'bnb_linear4bit', 'doc_text', 'window_losses', 'perplexity', 'fake_quantize_model_',
+           'qlora_memory_budget']
 
 # %% ../nbs/03_nf4.ipynb #fdf1cbd8
 NF4_CODE = torch.tensor([
@@ -353,18 +354,18 @@ def doc_text() -> str:
     return '\n\n'.join(topics[k] for k in sorted(topics))
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 256, n_windows: Optional[int] = 8, stride: Optional[int] = None) -> float:
-    "exp(mean next-token loss) over `n_windows` non-overlapping windows of `seq_len` tokens of `text`."
+def window_losses(model, tokenizer, text: str, seq_len: int = 256, n_windows: Optional[int] = 8, stride: Optional[int] = None) -> list[float]:
+    "Mean next-token loss of each of the first `n_windows` windows of `seq_len` tokens of `text` (non-overlapping by default)."
     ids = tokenizer(text, return_tensors='pt').input_ids[0]
     starts = list(range(0, len(ids) - seq_len, stride or seq_len))[:n_windows]
     if not starts: raise ValueError(f"text has {len(ids)} tokens: too short for one window of {seq_len}")
     dev = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for s in starts:
-        x = ids[s:s + seq_len][None].to(dev)
-        out = model(input_ids=x, labels=x)
-        nll += out.loss.item() * (seq_len - 1); count += seq_len - 1
-    return math.exp(nll / count)
+    return [model(input_ids=ids[s:s + seq_len][None].to(dev), labels=ids[s:s + seq_len][None].to(dev)).loss.item() for s in starts]
+
+def perplexity(model, tokenizer, text: str, seq_len: int = 256, n_windows: Optional[int] = 8, stride: Optional[int] = None) -> float:
+    "exp(mean next-token loss) over `n_windows` windows of `seq_len` tokens of `text` (every window has `seq_len - 1` targets)."
+    ls = window_losses(model, tokenizer, text, seq_len, n_windows, stride)
+    return math.exp(sum(ls) / len(ls))
 
 @torch.no_grad()
 def fake_quantize_model_(model, code: Tensor, blocksize: int = 64, skip=("lm_head",)):
