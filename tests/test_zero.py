@@ -69,7 +69,9 @@ def _close(a, b, tol=2e-4):
 
 # 1. ZeRO-3: LoRA, full fine-tuning, QLoRA (both 4-bit backends) equal to the plain single-process run
 @pytest.mark.parametrize('kw', [dict(method='lora'), dict(method='full'), dict(method='qlora', quant_backend='ft_course'),
-                                dict(method='qlora', quant_backend='bnb')], ids=['lora', 'full', 'qlora_ft_course', 'qlora_bnb'])
+                                dict(method='qlora', quant_backend='bnb'),
+                                dict(method='qlora', quant_backend='ft_course', fast=True, lora_target_modules='all-linear')],
+                         ids=['lora', 'full', 'qlora_ft_course', 'qlora_bnb', 'qlora_fast'])
 def test_zero3_equals_plain_run(root, kw):
     if kw.get('quant_backend') == 'bnb': pytest.importorskip('bitsandbytes')
     ref, z = plain(root, **kw), zero(root, 3, **kw)
@@ -83,6 +85,13 @@ def test_zero3_equals_plain_run(root, kw):
     assert set(a) == set(b) and all(v.shape == b[k].shape and v.numel() > 0 for k, v in a.items())   # gathered, not partitions
     err = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert err < 1e-3, err
+
+
+@pytest.mark.parametrize('kw', [dict(method='lora'), dict(method='qlora', quant_backend='ft_course', fast=True, lora_target_modules='all-linear')],
+                         ids=['lora', 'qlora_fast'])
+def test_zero2_equals_plain_run(root, kw):
+    "ZeRO-2 (the standard and the fast QLoRA path) on 2 processes: the plain run's losses."
+    _close(_losses(zero(root, 2, **kw)), _losses(plain(root, **kw)))
 
 
 def _globals(f):
