@@ -165,7 +165,7 @@ def gather_zero_checkpoint(ckpt) -> dict:
         if f.name.endswith('model_states.pt'): names |= {k for group in s.get('param_shapes') or [] for k in group}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # its prints and progress bars
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ds.name, exclude_frozen_parameters=True)
     except Exception as e:
         raise CheckpointError(f"{ds}: the ZeRO shards do not gather ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})") from None
