@@ -12,8 +12,8 @@ from .config import Config, ConfigError, load_config
 
 # %% auto #0
 __all__ = ['DS_SAFE_GLOBALS', 'RESUME_KEYS', 'CheckpointError', 'latest_checkpoint', 'read_checkpoint', 'config_source',
-           'trainable_state', 'load_safe', 'checkpoint_problem', 'resumable_checkpoint', 'base_fingerprint',
-           'base_mismatch', 'run_identity', 'resume_diffs', 'WorkDirLock', 'prepare_work_dir']
+           'trainable_state', 'load_safe', 'checkpoint_problem', 'resumable_checkpoint', 'gather_zero_checkpoint',
+           'base_fingerprint', 'base_mismatch', 'run_identity', 'resume_diffs', 'WorkDirLock', 'prepare_work_dir']
 
 # %% ../nbs/06a_checkpoints.ipynb #be287cbd
 class CheckpointError(ConfigError):
@@ -51,11 +51,12 @@ def read_checkpoint(path):
     from safetensors.torch import load_file
     p = Path(path)
     if p.is_file(): p = p.parent
-    if not (p / 'trainable.safetensors').is_file():
+    sharded = not (p / 'trainable.safetensors').is_file() and (p / 'deepspeed').is_dir()   # gathered from the ZeRO shards
+    if not (p / 'trainable.safetensors').is_file() and not sharded:
         raise FileNotFoundError(f"{p}: no trainable.safetensors; expected a checkpoint folder WORK_DIR/checkpoints/iter_N")
     st = json.loads((p / 'trainer_state.json').read_text()) if (p / 'trainer_state.json').is_file() else {}
     cfg = load_config(p / 'config.py') if (p / 'config.py').is_file() else None
-    return load_file(str(p / 'trainable.safetensors')), st, cfg
+    return gather_zero_checkpoint(p) if sharded else load_file(str(p / 'trainable.safetensors')), st, cfg
 
 def config_source(cfg: Config) -> str:
     "Python source of a config file that recreates `cfg` (written as `config.py` into every checkpoint)."
@@ -148,6 +149,27 @@ def resumable_checkpoint(work_dir, log=None) -> Path | None:
         if log: log('info', f"--resume auto: checkpoint {ck.name} is damaged ({bad}); falling back to the previous one", step=0)
     if skipped: raise CheckpointError(f"--resume auto: every checkpoint in {Path(work_dir) / 'checkpoints'} is damaged ({', '.join(skipped)})")
     return None
+
+# %% ../nbs/06a_checkpoints.ipynb #66920cfa
+def gather_zero_checkpoint(ckpt) -> dict:
+    "The trainable tensors (fp32) of a DeepSpeed ZeRO checkpoint folder, gathered from its per-rank shards in `deepspeed/`."
+    import io, contextlib
+    ckpt = Path(ckpt); ds = ckpt / 'deepspeed'
+    if not ds.is_dir(): raise CheckpointError(f"{ckpt}: no trainable.safetensors and no DeepSpeed shards (deepspeed/) to gather it from")
+    files = sorted(ds.glob('*.pt'))
+    if not any(f.name.endswith('optim_states.pt') for f in files):
+        raise CheckpointError(f"{ds}: no ZeRO optimizer shards (*_optim_states.pt) to gather the trainable tensors from")
+    names = set()
+    for f in files:   # zero_to_fp32 unpickles with weights_only=False: only tensors, plain values and DS_SAFE_GLOBALS pass
+        s = load_safe(f, DS_SAFE_GLOBALS)
+        if f.name.endswith('model_states.pt'): names |= {k for group in s.get('param_shapes') or [] for k in group}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # its prints and progress bars
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ds.name, exclude_frozen_parameters=True)
+    except Exception as e:
+        raise CheckpointError(f"{ds}: the ZeRO shards do not gather ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})") from None
+    return {k: v.detach().float().contiguous() for k, v in sd.items() if k in names}
 
 # %% ../nbs/06a_checkpoints.ipynb #fb69b752
 _FP_SKIP = ('_name_or_path', 'transformers_version', 'torch_dtype', 'dtype', 'use_cache')

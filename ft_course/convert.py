@@ -75,9 +75,13 @@ def _read_checkpoint(checkpoint, load_config: bool = False):
     from safetensors.torch import load_file   # read directly: CHECKPOINT/config.py is Python and runs only when asked for
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     f = folder / 'trainable.safetensors'
-    if not f.exists(): raise FileNotFoundError(f"{folder}: no trainable.safetensors; expected a checkpoint folder written by `ft-course train`")
-    try: sd = load_file(str(f))
-    except Exception as e: raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+    if not f.exists() and (folder / 'deepspeed').is_dir():   # a sharded ZeRO checkpoint without it: gather the shards
+        from ft_course.checkpoint import gather_zero_checkpoint
+        sd = gather_zero_checkpoint(folder)
+    elif not f.exists(): raise FileNotFoundError(f"{folder}: no trainable.safetensors; expected a checkpoint folder written by `ft-course train`")
+    else:
+        try: sd = load_file(str(f))
+        except Exception as e: raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint is damaged") from None
     st = folder / 'trainer_state.json'
     try: state = json.loads(st.read_text()) if st.exists() else {}
     except ValueError as e: raise ValueError(f"{st}: not valid JSON ({e})") from None

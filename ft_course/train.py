@@ -16,7 +16,7 @@ from .config import (Config, ConfigError, load_config, validate_config, apply_op
 # %% auto #0
 __all__ = ['MOVED_HOOKS', 'REPLAY_PROMPTS', 'DATA_GENERATORS', 'load_base_model', 'build_model', 'build_dataset',
            'gen_self_cognition', 'gen_fictional_corpus', 'generate', 'init_distributed', 'deepspeed_config',
-           'lr_lambda', 'plot_log', 'read_log', 'TrainResult', 'prepare_data', 'train', 'train_cli']
+           'lr_lambda', 'plot_log', 'read_log', 'zero_shards', 'TrainResult', 'prepare_data', 'train', 'train_cli']
 
 # %% ../nbs/06_training_loop.ipynb #926a196a
 # checkpoints, resume and the work dir's lock are lesson 06a's (ft_course.checkpoint); these names stay importable from here
@@ -266,6 +266,62 @@ def read_log(work_dir, kind='train') -> list[dict]:
     if not p.is_file(): return []
     return [r for r in map(json.loads, filter(str.strip, p.read_text().splitlines())) if r.get('type') == kind]
 
+# %% ../nbs/06_training_loop.ipynb #2bdba8ff
+def _held_bytes(tensors, storage: bool = True) -> int:
+    "Bytes of the distinct storages behind `tensors` (views into one flat buffer count once); `storage=False`: of the tensors themselves."
+    import torch
+    seen = {}
+    for t in tensors:
+        if not (torch.is_tensor(t) and t.numel()): continue
+        if storage: s = t.untyped_storage(); seen[s.data_ptr()] = s.nbytes()
+        else: seen[t.data_ptr(), t.numel()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+def _zero_held(engine, stage) -> dict:
+    "What this rank holds, read from DeepSpeed's engine: parameters, gradients (call after backward), optimizer states, fp32 master copy."
+    o, mod = engine.optimizer, engine.module
+    inner = getattr(o, 'optimizer', o)   # ZeRO wraps our torch AdamW, which steps on this rank's partition only
+    ps = list(mod.parameters())
+    avg = [g for gs in (getattr(o, 'averaged_gradients', None) or {}).values() for g in (gs or [])]   # ZeRO: this rank's reduced partition
+    grads = avg or [p.grad for p in ps]
+    master = list(getattr(o, 'single_partition_of_fp32_groups', None) or getattr(o, 'fp32_partitioned_groups_flat', None) or [])
+    return dict(stage=stage, params=_held_bytes([getattr(p, 'ds_tensor', p) for p in ps]), grads=_held_bytes(grads, storage=False),
+                grads_storage=_held_bytes(grads),
+                optimizer=_held_bytes([t for s in inner.state.values() for t in s.values()]), master=_held_bytes(master),
+                n_params=sum(getattr(p, 'ds_numel', p.numel()) for p in ps))
+
+def _zero_shard_worker(out, stages):
+    "One rank of `zero_shards`: a tiny Llama, fully trained, one step under each ZeRO stage; what it holds -> OUT/rank_R.json."
+    import torch, deepspeed
+    from ft_course.models import tiny_model
+    deepspeed.init_distributed(dist_backend='gloo')
+    rank, world, rows = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), []
+    for stage in stages:
+        torch.manual_seed(0); model = tiny_model('llama')
+        dsc = {'train_micro_batch_size_per_gpu': 1, 'gradient_accumulation_steps': 1, 'train_batch_size': world, 'steps_per_print': 10 ** 9,
+               'zero_allow_untested_optimizer': True, 'zero_optimization': {'stage': stage, 'overlap_comm': False, 'contiguous_gradients': True}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), config=dsc)
+        x = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(rank))
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        h = _zero_held(engine, stage)                            # the gradients, reduced, before the step frees them
+        engine.step()
+        rows.append(dict(_zero_held(engine, stage), grads=h['grads'], grads_storage=h['grads_storage'], rank=rank, world=world))
+        del engine, model
+    (Path(out) / f'rank_{rank}.json').write_text(json.dumps(rows))
+
+def zero_shards(stages=(0, 1, 2, 3), nproc: int = 2) -> list[dict]:
+    "Per rank and ZeRO stage, the bytes of parameters, gradients, Adam states and fp32 master copy it holds (a tiny full fine-tune on CPU)."
+    import subprocess, tempfile
+    out = Path(tempfile.mkdtemp(prefix='ft_course_zero_'))
+    (out / 'worker.py').write_text(f'from ft_course.train import _zero_shard_worker\n_zero_shard_worker({str(out)!r}, {tuple(stages)!r})\n')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr', '127.0.0.1',
+           '--master_port', str(_free_port()), str(out / 'worker.py')]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if p.returncode: raise RuntimeError(f"zero_shards: the {nproc} processes failed: {p.stderr.strip()[-1500:]}")
+    rows = sorted((r for f in out.glob('rank_*.json') for r in json.loads(f.read_text())), key=lambda r: (r['stage'], r['rank']))
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
+
 # %% ../nbs/06_training_loop.ipynb #e823bd39
 @dataclass
 class TrainResult:
@@ -418,7 +474,8 @@ def _optimizer_step(cfg, params, opt, sched, engine, step=None):
 
 # %% ../nbs/06_training_loop.ipynb #3b60c0f7
 def _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro_per_epoch, start_step):
-    n_tr, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    size = lambda p: getattr(p, 'ds_numel', p.numel())   # ZeRO-3 leaves each parameter empty, its size in ds_numel
+    n_tr, n_all = sum(map(size, params)), sum(map(size, model.parameters()))
     accum, bs = cfg.accumulative_counts, cfg.batch_size
     log('info', f"{cfg.name}: {cfg.method} on {cfg.model}, {n} samples{' (packed)' if cfg.pack_to_max_length else ''}, "
         f"{world} process(es), {'DeepSpeed ZeRO-%d' % zero_stage if cfg.deepspeed is not None else 'no DeepSpeed'}, trainable {n_tr:,} / {n_all:,} params. "
@@ -498,32 +555,57 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
     return TrainResult(work_dir, step, losses, ckpts, evals, time.time() - t_start, _unwrap(model), tok, cfg)
 
 
-# %% ../nbs/06_training_loop.ipynb #1b6c0925
+# %% ../nbs/06_training_loop.ipynb #b6cb0ea1
 _TRAIN_EPILOG = """examples:
   ft-course train smollm2_135m_qlora_selfcog_e3 --work-dir work_dirs/selfcog
   ft-course train my_cfg.py --work-dir work_dirs/run1 --deepspeed zero2 --cfg-options lr=1e-4 max_steps=50
   ft-course train my_cfg.py --work-dir work_dirs/run1 --resume auto
   ft-course train my_cfg.py --work-dir work_dirs/run1 --overwrite          # start over: deletes the old run's checkpoints and log
-  NPROC_PER_NODE=2 ft-course train my_cfg.py --work-dir work_dirs/ddp --deepspeed zero2   # two processes (torchrun)"""
+  NPROC_PER_NODE=2 ft-course train my_cfg.py --work-dir work_dirs/ddp --deepspeed zero2   # two processes (torchrun)
+  ft-course train my_cfg.py --work-dir /shared/run --deepspeed zero3 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 \\
+      --master-port 29500 --nproc-per-node 8         # the same command on the second node with --node-rank 1"""
 
-def _launch_torchrun(nproc: int, argv) -> int:
-    "Re-run `ft-course train ARGV` under torchrun with `nproc` processes (NPROC_PER_NODE, as XTuner does)."
+def _launch_plan(a) -> dict:
+    "torchrun's launch settings from the options, else the torchrun variables NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT."
+    env = os.environ
+    def pick(opt, var, default, cast=int):
+        v = getattr(a, opt)
+        if v is None: v = env.get(var) or default
+        try: return cast(v) if v is not None else None
+        except ValueError: raise ConfigError(f"--{opt.replace('_', '-')} (or ${var}): expected {cast.__name__}, got {v!r}") from None
+    plan = dict(nproc=pick('nproc_per_node', 'NPROC_PER_NODE', 1), nnodes=pick('nnodes', 'NNODES', 1),
+                node_rank=pick('node_rank', 'NODE_RANK', 0), addr=pick('master_addr', 'MASTER_ADDR', None, str),
+                port=pick('master_port', 'MASTER_PORT', None))
+    if plan['nproc'] < 1: raise ConfigError(f"--nproc-per-node: expected a count >= 1, got {plan['nproc']}")
+    if plan['nnodes'] < 1: raise ConfigError(f"--nnodes: expected a count >= 1, got {plan['nnodes']}")
+    if not 0 <= plan['node_rank'] < plan['nnodes']:
+        raise ConfigError(f"--node-rank: expected 0..{plan['nnodes'] - 1} for --nnodes {plan['nnodes']}, got {plan['node_rank']}")
+    if plan['nnodes'] > 1 and (plan['addr'] is None or plan['port'] is None):
+        raise ConfigError(f"--nnodes {plan['nnodes']}: every node needs the same --master-addr and --master-port "
+                          "(node 0's address and a free port on it; or $MASTER_ADDR / $MASTER_PORT)")
+    if plan['port'] is not None and not 0 < plan['port'] < 65536: raise ConfigError(f"--master-port: expected 1..65535, got {plan['port']}")
+    return plan
+
+# %% ../nbs/06_training_loop.ipynb #1b6c0925
+def _launch_torchrun(plan: dict, argv) -> int:
+    "Re-run `ft-course train ARGV` under torchrun: `nproc` processes on this node, `nnodes` nodes meeting at node 0's address."
     import subprocess
     launcher = cache_dir('launch') / 'train_launch.py'
     with atomic_write(launcher) as f:
         f.write('import sys\nfrom ft_course.train import train_cli\nsys.exit(train_cli(sys.argv[1:]))\n')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr', '127.0.0.1',
-           '--master_port', str(int(os.environ.get('MASTER_PORT', 0)) or _free_port()), str(launcher), *argv]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(plan['nproc']), '--nnodes', str(plan['nnodes']),
+           '--node_rank', str(plan['node_rank']), '--master_addr', plan['addr'] or '127.0.0.1',
+           '--master_port', str(plan['port'] or _free_port()), str(launcher), *argv]
     print('[ft-course train] launching:', ' '.join(cmd), file=sys.stderr)
     return subprocess.call(cmd)
 
 def train_cli(argv=None) -> int:
-    "`ft-course train CONFIG --work-dir DIR [--deepspeed zero1|zero2|zero3|FILE.json] [--resume auto|PATH] [--overwrite] [--seed N] [--cfg-options k=v ...]`"
+    "`ft-course train CONFIG --work-dir DIR [--deepspeed zero1|zero2|zero3|FILE.json] [--resume auto|PATH] [--overwrite] [--seed N] [--cfg-options k=v ...] [--nnodes N --node-rank R --master-addr A --master-port P] [--nproc-per-node K]`"
     import argparse
     p = argparse.ArgumentParser(prog='ft-course train', description='Fine-tune a model as a config says.', epilog=_TRAIN_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', help='config file or built-in name (ft-course list-cfg)')
-    p.add_argument('--work-dir', required=True, help='folder for logs, evaluation answers and checkpoints')
+    p.add_argument('--work-dir', required=True, help='folder for logs, evaluation answers and checkpoints (shared by all nodes)')
     p.add_argument('--deepspeed', help='zero1, zero2, zero3 or a DeepSpeed JSON file')
     p.add_argument('--resume', help="'auto' (newest checkpoint in the work dir) or a checkpoint folder")
     p.add_argument('--overwrite', action='store_true', help="start over in a used work dir: delete its checkpoints, log and eval answers")
@@ -531,11 +613,18 @@ def train_cli(argv=None) -> int:
     p.add_argument('--seed', type=int)
     p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE', help='override config fields')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    g = p.add_argument_group('processes and nodes (torchrun; default: its environment variables)')
+    g.add_argument('--nproc-per-node', help='processes on this node ($NPROC_PER_NODE, default 1)')
+    g.add_argument('--nnodes', help='number of nodes ($NNODES, default 1)')
+    g.add_argument('--node-rank', help='this node: 0 .. nnodes-1 ($NODE_RANK)')
+    g.add_argument('--master-addr', help="node 0's address, the same on every node ($MASTER_ADDR)")
+    g.add_argument('--master-port', help='a free port on node 0, the same on every node ($MASTER_PORT)')
     a = p.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    nproc = int(os.environ.get('NPROC_PER_NODE', 1) or 1)
-    if nproc > 1 and 'TORCHELASTIC_RUN_ID' not in os.environ: return _launch_torchrun(nproc, argv)   # not yet under torchrun
     try:
+        if 'TORCHELASTIC_RUN_ID' not in os.environ:   # not yet under torchrun
+            plan = _launch_plan(a)
+            if plan['nproc'] > 1 or plan['nnodes'] > 1: return _launch_torchrun(plan, argv)
         cfg = load_config(a.config, a.cfg_options)
         if a.deepspeed: cfg.deepspeed = a.deepspeed
         if a.seed is not None: cfg.seed = a.seed
