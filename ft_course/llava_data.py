@@ -246,9 +246,10 @@ def llava_run_dir(stage: str):
 def train_llava(stage: str, work_dir, n_images: int, image_size: int = 224, batch_size: int = 16, max_steps: int | None = None,
                 max_epochs: float = 1, lr: float | None = None, pretrained_pth=None, photos=('coffee',), repeats: int = 200,
                 seed: int = 0, lora_r: int | None = None, lora_alpha: float | None = None, progress: bool = True, options=(),
-                vision_tower: str = VISION_TOWER, **generator):
+                vision_tower: str = VISION_TOWER, overwrite: bool = True, **generator):
     """Run one LLaVA stage through `ft_course.train.train` with the built-in config and these settings; returns the TrainResult.
-    `generator`: more LLaVA data settings (`max_turns`, `text_only`; see `ft_course.llava.LLAVA_DEFAULTS`)."""
+    `generator`: more LLaVA data settings (`max_turns`, `text_only`; see `ft_course.llava.LLAVA_DEFAULTS`).
+    A stage starts afresh (`overwrite=True`: an earlier run in `work_dir` is replaced); `overwrite=False` refuses a used work dir."""
     from ft_course.train import train
     if stage not in ('pretrain', 'finetune'): raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'finetune'")
     g = dict(kind='llava', stage=stage, image_size=image_size, n_images=n_images, seed=seed, photos=list(photos), repeats=repeats,
@@ -258,7 +259,8 @@ def train_llava(stage: str, work_dir, n_images: int, image_size: int = 224, batc
     if lr: opts.append(f"lr={lr}")
     if lora_r: opts.append(f"lora_r={lora_r}")
     if lora_alpha: opts.append(f"lora_alpha={lora_alpha}")
-    return train(PRETRAIN_CFG if stage == 'pretrain' else FINETUNE_CFG, work_dir, cfg_options=opts + list(options), progress=progress)
+    return train(PRETRAIN_CFG if stage == 'pretrain' else FINETUNE_CFG, work_dir, cfg_options=opts + list(options), progress=progress,
+                 overwrite=overwrite)
 
 # %% ../nbs/14_llava_pretrain.ipynb #75a38d64
 RECIPES = {
