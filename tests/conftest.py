@@ -29,3 +29,16 @@ def tiny_lora_checkpoint(ck, cfg_name):
                  prompt_template='chatml', name=cfg_name)
     (ck / 'config.py').write_text(config_source(cfg))
     return name, pm, cfg
+
+_DIST_ENV = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE')
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rendezvous():
+    """An in-process DeepSpeed run (one process) sets MASTER_ADDR/MASTER_PORT/... in os.environ and keeps its process group,
+    and with it the port; a later test's `ft-course train` under torchrun would inherit that port (EADDRINUSE). Restore them."""
+    import os
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v

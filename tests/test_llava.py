@@ -172,7 +172,7 @@ def trainer_config(monkeypatch):
     "Replace the trainer by a stub that only loads the config train_llava hands it; returns where that config lands."
     import ft_course.train as T
     seen = {}
-    def fake_train(cfg, work_dir, cfg_options=None, progress=True):
+    def fake_train(cfg, work_dir, cfg_options=None, progress=True, overwrite=True):
         seen['cfg'] = T.load_config(cfg, cfg_options); seen['s'] = llava_settings(seen['cfg'])   # what build_model/build_dataset check
     monkeypatch.setattr(T, 'train', fake_train)
     return seen
