@@ -22,25 +22,13 @@ N_TOOL = 100
 SMOKE = os.environ.get('AGENT_SMOKE') == '1'   # a 2-step check of the script itself (CPU is fine)
 if SMOKE: N_TOOL = 3
 
-def dequantize_bases(model):
-    "Every NF4 base layer as a plain Linear holding its dequantized weight (the same function; generation is faster)."
-    import torch
-    from ft_course.nf4 import LinearNF4
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, LinearNF4):
-                w = child.dequantize(child.compute_dtype or torch.float32)
-                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=w.device)
-                lin.weight.data = w; lin.requires_grad_(False)
-                if child.bias is not None: lin.bias.data = child.bias.data.to(w.dtype)
-                setattr(mod, name, lin)
-    return model
-
 def main(out, names):
     import torch, transformers
     from safetensors.torch import load_file
     from ft_course.train import train, load_config, build_model
     from ft_course.agent import evaluate_agent
+    sys.path.insert(0, str(Path(__file__).parent))
+    from agent_common import dequantize_bases
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get('OUTCOMES_WORK', '/tmp/agent_gpu'))
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -28,18 +28,9 @@ cfg = load_config(ck / 'config.py' if ck else 'smollm2_135m_qlora_agent_e3')
 fmt = (cfg.data_generator or {}).get('fmt', 'json')
 model, tok = build_model(cfg); model.eval()
 
-def dequantize_bases(model):
-    "Swap every NF4 base layer for a plain Linear holding its dequantized weight: the same function, no dequantization per token."
-    from ft_course.nf4 import LinearNF4
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, LinearNF4):
-                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                lin.weight.data = child.dequantize(torch.float32); lin.requires_grad_(False)
-                if child.bias is not None: lin.bias.data = child.bias.data.float()
-                setattr(mod, name, lin)
-    return model
-dequantize_bases(model)
+sys.path.insert(0, str(Path(__file__).parent))
+from agent_common import dequantize_bases
+dequantize_bases(model, torch.float32)   # fp32 on the CPU, as measured
 splits = ['dev', 'test'] if a.split == 'both' else [a.split]
 out = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
 out.update(config=cfg.name, fmt=fmt, template=cfg.prompt_template, n_tool=a.n_tool, threads=torch.get_num_threads())
