@@ -8,6 +8,8 @@ weights are dequantized once into plain Linear layers, the same weights, so that
 again for every token), scores
 the base model (the same model with the LoRA update at its initial zero) and the trained one on the dev and/or test
 questions of `ft_course.agent.eval_set`, and writes benchmarks/results/agent_laptop.json (read by nbs/12_agent.ipynb).
+The committed record was made when the config's generator had no_tool=0.25 (now 0.4); to train that run again add
+    --cfg-options "data_generator={'kind': 'agent', 'fmt': 'json', 'n': 400, 'no_tool': 0.25, 'seed': 0}"
 """
 import argparse, json, sys, time
 from pathlib import Path

@@ -33,12 +33,21 @@ LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES 
     'llava-b128': lambda: _variant(n_images=24000, batch_size=128, max_steps=450),
     # run of 2026-12-01 as 'llava-b128-px128' (best on dev): now RECIPES['gpu128']
     'llava-gpu128': lambda: _variant(base='gpu128'),
+    # laptop candidates (a CPU budget of about 20 minutes on 2 cores: stage 2 sees at most ~2,300 samples), chosen on dev
+    'lap-cpu': lambda: _variant(base='cpu'),
+    'lap-b16': lambda: _variant(base='cpu', batch_size=16, lr=2e-3),
+    'lap-s280': lambda: _variant(base='cpu', max_steps=280, lr=2e-3),
+    'lap-px128': lambda: _variant(dict(image_size=128), base='cpu', image_size=128, batch_size=16, lr=2e-3),
+    'lap-pt60': lambda: _variant(dict(max_steps=60), base='cpu', batch_size=16, lr=2e-3),
+    'lap-pt120': lambda: _variant(dict(max_steps=120), base='cpu', batch_size=16, lr=2e-3),
+    'lap-lr3': lambda: _variant(base='cpu', batch_size=16, lr=3e-3),
     'smoke-llava': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3),
 }
 DRIFT = {   # self-cognition generator settings; save_steps chosen for ~15 checkpoints a run
     'drift-1k': (dict(n=1000, replay=0), 10),
     'drift-10k': (dict(n=10000, replay=0), 60),
-    'drift-2k-replay10k': (dict(n=2000, replay=10000), 20),   # replay is capped at the 35 distinct REPLAY_PROMPTS
+    'drift-2k-replay10k': (dict(n=2000, replay=10000), 100),  # the 10,000 replay samples repeat the answers to the 35 REPLAY_PROMPTS
+    'drift-1k-replay1k': (dict(n=1000, replay=1000), 20),     # the lesson's 1k identity samples, half the data replay
     'smoke-drift': (dict(n=40, replay=8), 2),
 }
 
