@@ -271,6 +271,10 @@ RECIPES = {
     # measured on one H200 (benchmarks/llava_gpu.py, recipe 'g96-a' there): synthetic scenes only (no photo conversations)
     'gpu': dict(pretrain=dict(image_size=96, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
                 finetune=dict(image_size=96, n_images=12000, batch_size=32, max_steps=900, lr=1e-3, seed=1, lora_r=16, lora_alpha=32, photos=[])),
+    # a CPU budget (stage 2 sees 2,240 samples): chosen on a dev split among six variants of 'cpu' (benchmarks/outcomes_gpu.py
+    # 'lap-*', run on a GPU; records in benchmarks/results/llava_laptop): 120 steps of stage 1, stage 2 in batches of 16 at lr 2e-3
+    'laptop': dict(pretrain=dict(image_size=96, n_images=480, batch_size=16, max_steps=120, lr=2e-3),
+                   finetune=dict(image_size=96, n_images=2240, batch_size=16, max_steps=140, lr=2e-3, repeats=4, seed=1, lora_r=16, lora_alpha=32)),
     # chosen on a dev split among 'gpu' and two variants (benchmarks/outcomes_gpu.py; notebook 15): 128 px = 16 visual tokens, stage 2 in batches of 128
     'gpu128': dict(pretrain=dict(image_size=128, n_images=4000, batch_size=32, max_steps=120, lr=1e-3, photos=[]),
                    finetune=dict(image_size=128, n_images=24000, batch_size=128, max_steps=450, lr=1e-3, seed=1, lora_r=16, lora_alpha=32, photos=[])),
