@@ -78,3 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+
+if __name__ == '__main__': sys.exit(main())   # `python -m ft_course.cli ...` as well as `python -m ft_course ...`
+

@@ -14,10 +14,10 @@ from .data import TEMPLATES, get_template, SFTDataset, masked_text, _err_exit
 
 
 # %% auto #0
-__all__ = ['DATA_GENERATOR_KINDS', 'ZERO_STAGES', 'ALIASES', 'Config', 'config_table', 'ConfigError', 'configs_dir',
-           'list_configs', 'config_path', 'did_you_mean', 'field_types', 'check_types', 'apply_options', 'load_config',
-           'validate_config', 'generator_settings', 'stale_data', 'record_data', 'list_cfg_cli', 'copy_config',
-           'copy_cfg_cli', 'log_dataset_cli']
+__all__ = ['DATA_GENERATOR_KINDS', 'DATA_GENERATOR_KEYS', 'ZERO_STAGES', 'ALIASES', 'Config', 'config_table', 'ConfigError',
+           'configs_dir', 'list_configs', 'config_path', 'did_you_mean', 'field_types', 'check_types', 'apply_options',
+           'load_config', 'validate_config', 'generator_settings', 'stale_data', 'record_data', 'list_cfg_cli',
+           'copy_config', 'copy_cfg_cli', 'log_dataset_cli']
 
 # %% ../nbs/07_configs_checkpoints.ipynb #58925461
 def _f(default, help, **kw):
@@ -115,6 +115,8 @@ def _check(cond, cfg, key, expected):
         raise ConfigError(f"{src}: key '{key}' = {getattr(cfg, key)!r}: expected {expected}")
 
 DATA_GENERATOR_KINDS = ('self_cognition', 'fictional_corpus')   # the trainer's DATA_GENERATORS (lesson 06)
+DATA_GENERATOR_KEYS = {'self_cognition': ('kind', 'name', 'author', 'n', 'lang', 'replay', 'seed', 'replay_tokens'),   # what each accepts
+                       'fictional_corpus': ('kind', 'n', 'seed')}
 
 ZERO_STAGES = {'zero1': 1, 'zero2': 2, 'zero3': 3, 'deepspeed_zero1': 1, 'deepspeed_zero2': 2, 'deepspeed_zero3': 3}
 
@@ -320,6 +322,11 @@ def validate_config(cfg: Config) -> Config:
         if c.data_generator is not None:
             _check(isinstance(c.data_generator, dict) and c.data_generator.get('kind') in DATA_GENERATOR_KINDS,
                    c, 'data_generator', f"None or a dict with kind in {sorted(DATA_GENERATOR_KINDS)}")
+            ok = DATA_GENERATOR_KEYS[c.data_generator['kind']]
+            for k in c.data_generator:
+                near = difflib.get_close_matches(str(k), ok, n=1)
+                _check(k in ok, c, 'data_generator', f"no key {k!r} for kind {c.data_generator['kind']!r}" +
+                       (f" (did you mean {near[0]!r}?)" if near else '') + f"; its keys: {', '.join(ok)}")
     _check(isinstance(c.max_length, int) and c.max_length >= 8, c, 'max_length', 'an integer >= 8')
     _check(isinstance(c.batch_size, int) and c.batch_size >= 1, c, 'batch_size', 'an integer >= 1')
     _check(isinstance(c.accumulative_counts, int) and c.accumulative_counts >= 1, c, 'accumulative_counts', 'an integer >= 1')

@@ -156,3 +156,22 @@ def test_replay_settings_include_the_model():
     a, b = generator_settings(_opt()), generator_settings(_opt('model=tiny-llama'))
     assert a != b and a['data_generator'] == b['data_generator']                   # replayed answers come from the model
     assert generator_settings(_opt(name=CORPUS)) == generator_settings(_opt('model=tiny-llama', name=CORPUS))
+
+@pytest.mark.parametrize('opt, bad, meant', [('data_generator.nn=3', 'nn', 'n'), ('data_generator.autor=X', 'autor', 'author')])
+def test_unknown_generator_key_names_it_before_any_work(opt, bad, meant):
+    "A misspelled key inside data_generator is refused by validate_config (it used to reach the generator as a TypeError)."
+    cfg = load_config('smollm2_135m_qlora_selfcog_e3', [opt])
+    with pytest.raises(ConfigError, match=f"no key '{bad}' for kind 'self_cognition' \\(did you mean '{meant}'\\?\\)"): validate_config(cfg)
+    validate_config(load_config('smollm2_135m_qlora_selfcog_e3', [opt.replace(bad, meant)]))   # the right key passes
+
+def test_cli_unknown_generator_key_one_line(tmp_path, capsys):
+    assert train_cli(['smollm2_135m_qlora_selfcog_e3', '--work-dir', str(tmp_path / 'w'), '--cfg-options', 'data_generator.nn=3', '--no-progress']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no key 'nn'" in err[0] and 'Traceback' not in err[0]
+    assert not (tmp_path / 'w').exists()
+
+def test_python_m_cli_runs_the_command():
+    "`python -m ft_course.cli list-cfg` runs the command (it used to exit 0 having done nothing)."
+    import subprocess, sys
+    out = subprocess.run([sys.executable, '-m', 'ft_course.cli', 'list-cfg'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and 'smollm2_135m_qlora_selfcog_e3' in out.stdout, out
