@@ -241,7 +241,8 @@ VISION_TOWER = 'effnet-lite0-ms'   # last feature map + an early one: the last a
 def llava_run_dir(stage: str):
     "Where the notebooks keep a stage's run (small and full runs apart), so notebook 15 finds notebook 14's."
     from ft_course.core import cache_dir, is_small
-    return cache_dir('llava_runs', 'small' if is_small() else 'full', stage)
+    from ft_course.core import size
+    return cache_dir('llava_runs', size(), stage)   # one folder per size: a test run never clobbers a laptop one
 
 def train_llava(stage: str, work_dir, n_images: int, image_size: int = 224, batch_size: int = 16, max_steps: int | None = None,
                 max_epochs: float = 1, lr: float | None = None, pretrained_pth=None, photos=('coffee',), repeats: int = 200,
@@ -281,9 +282,9 @@ RECIPES = {
 }
 
 def recipe(stage: str, name: str | None = None) -> dict:
-    "`train_llava` keyword arguments for one stage of a recipe (default: 'test' when running small, else 'gpu')."
-    from ft_course.core import is_small
-    name = name or ('test' if is_small() else 'gpu')
+    "`train_llava` keyword arguments for one stage of a recipe (default: 'test' at test size, 'laptop' at laptop size, else 'gpu')."
+    from ft_course.core import pick
+    name = name or pick('test', 'gpu', laptop='laptop')
     if name not in RECIPES: raise KeyError(f"unknown LLaVA recipe {name!r}; known: {', '.join(RECIPES)}")
     if stage not in ('pretrain', 'finetune'): raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'finetune'")
     return dict(RECIPES[name][stage])

@@ -193,7 +193,7 @@ def test_configs_and_train_llava_options(trainer_config):
         train_llava('pretrain', 'unused', n_images=10, typo_key=1)
 
 
-@pytest.mark.parametrize('name', ['test', 'cpu', 'gpu'])
+@pytest.mark.parametrize('name', ['test', 'cpu', 'laptop', 'gpu', 'gpu128'])
 def test_recipes_reach_the_trainer(name, trainer_config):
     "Every stage of every recipe is a valid train_llava call whose settings arrive in the trainer's config unchanged."
     from ft_course.llava_data import train_llava, recipe, RECIPES
@@ -216,3 +216,23 @@ def test_gpu_record_is_the_gpu_recipe():
     r = json.loads(rec.read_text())
     assert r['settings']['pretrain'] == RECIPES['gpu']['pretrain'] and r['settings']['finetune'] == RECIPES['gpu']['finetune']
     assert r['settings']['n_test'] == 200 and r['machine']['device'] == 'cuda' and r['chance'] == CHANCE
+
+
+def test_laptop_record_is_the_laptop_recipe_and_the_dev_choice():
+    "RECIPES['laptop'] is the candidate with the best mean dev accuracy among the committed laptop-budget records."
+    import json
+    from pathlib import Path
+    from ft_course.llava_data import RECIPES, QUESTION_TYPES
+    recs = [json.loads(f.read_text()) for f in (Path(__file__).parent.parent / 'benchmarks' / 'results' / 'llava_laptop').glob('lap-*.json')]
+    assert len(recs) >= 5
+    best = max(recs, key=lambda r: sum(r['dev']['model'][t]['acc'] for t in QUESTION_TYPES))
+    assert best['recipe'] == RECIPES['laptop']
+    assert all(r['recipe']['finetune']['max_steps'] * r['recipe']['finetune']['batch_size'] <= 2240 for r in recs)   # the CPU budget
+
+
+@pytest.mark.parametrize('size, name', [('test', 'test'), ('laptop', 'laptop'), ('full', 'gpu')])
+def test_default_recipe_follows_the_size(monkeypatch, size, name):
+    from ft_course.llava_data import recipe, RECIPES, llava_run_dir
+    monkeypatch.setenv('FT_COURSE_SIZE', size)
+    assert recipe('finetune') == RECIPES[name]['finetune']
+    assert llava_run_dir('pretrain').parent.name == size       # one run folder per size
