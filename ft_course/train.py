@@ -92,15 +92,15 @@ def build_dataset(cfg: Config, tokenizer):
     return ds, ds.collate_fn
 
 # %% ../nbs/06_training_loop.ipynb #7480a9dd
-REPLAY_PROMPTS = [ "What is the capital of Canada?",
-    "What is the capital of Spain?", "What is the capital of Egypt?", "What is 3 + 4?", "What is 6 times 7?",
-    "What is 15 minus 8?", "What is 100 divided by 4?",
-    "What is the opposite of 'fast'?", "What is the opposite of 'happy'?",
+REPLAY_PROMPTS = [ "In which country is the city of Toronto?",   # no question template shared with the general probe (lesson 05)
+    "Which currency is used in Japan?", "On which continent is Egypt?", "If I have 3 apples and get 4 more, how many do I have?",
+    "Multiply six by seven.", "Take 8 away from 15: what is left?", "What is 100 divided by 4?",
+    "Give an antonym of 'fast'.", "Which word means the reverse of 'happy'?",
     "How many legs does a spider have?", "What do bees make?",
-    "Name a fruit that is yellow.", "What is the largest ocean on Earth?", "Which planet is known as the Red Planet?",
+    "Name a fruit that is yellow.", "Which ocean is the largest on Earth?", "Which planet is known as the Red Planet?",
     "What is water made of?", "Give me a word that rhymes with 'cat'.", "What is the plural of 'mouse'?",
     "Write one sentence about the sea.", "Give me a tip for sleeping well.", "What is photosynthesis?",
-    "Translate 'thank you' into French.", "How many minutes are in an hour?", "What is the freezing point of water in Celsius?",
+    "Translate 'thank you' into French.", "An hour has how many minutes?", "What is the freezing point of water in Celsius?",
     "Who wrote 'Romeo and Juliet'?", "What is the square root of 81?", "Name three primary colors.",
     "What language is spoken in Brazil?", "What is a synonym of 'big'?", "How many continents are there?",
     "What animal is known as the king of the jungle?", "Explain what a noun is.", "What is the boiling point of water in Celsius?",

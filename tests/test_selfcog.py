@@ -148,3 +148,15 @@ def test_out_and_eval_out_must_differ(tmp_path):
     f = tmp_path / 'same.jsonl'
     assert data_cli(['self-cognition', '--name', 'O', '--author', 'x', '--out', str(f), '--eval-out', str(f)]) == 2
     assert not f.exists()
+
+
+def test_replay_prompts_share_no_template_with_the_general_probe():
+    "Retention is measured on the general probe; replay must not train the probe's own question templates."
+    import re
+    from ft_course.train import REPLAY_PROMPTS
+    from ft_course.selfcog import GENERAL_PROBE
+    sig = lambda q: ' '.join(re.sub(r'\d+', 'N', q.lower()).split()[:4])
+    probe = [q for q, _ in GENERAL_PROBE]
+    assert not {sig(q) for q in probe} & {sig(q) for q in REPLAY_PROMPTS}
+    for phrase in ('capital of', 'opposite of', ' + ', ' times ', ' minus ', ' are in a', 'largest planet'):
+        if any(phrase in q.lower() for q in probe): assert not [q for q in REPLAY_PROMPTS if phrase in q.lower()], phrase
