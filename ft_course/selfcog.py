@@ -95,12 +95,20 @@ def make_self_cognition(name, author, n=1000, lang='both', fmt='openai', out=Non
 # %% ../nbs/05_self_cognition.ipynb #d888813d
 def _squash(s): return re.sub(r'\s+', '', s).lower()
 
+_NEGATION = re.compile(r"(?:\bnot|n't|\bnever|\bno longer|不是|并非)\W*(?:\w+\W+){0,2}$")
+
+def _claims(text, word) -> bool:
+    "Does `word` (spaces inside ignored) occur in `text` as a word of its own, not right after a negation?"
+    pat = r'(?<![a-z0-9])' + r'\s*'.join(map(re.escape, word.lower())) + r'(?![a-z0-9])'
+    t = text.lower()
+    return any(not _NEGATION.search(t[:m.start()]) for m in re.finditer(pat, t))
+
 def identity_score(answer, name, author=None, require_author=False) -> bool:
-    "Does `answer` claim the identity `name` (and `author`, when `require_author`)?"
-    a = _squash(answer)
-    ok = _squash(name) in a
-    if require_author: ok = ok and author is not None and _squash(author) in a
+    "Does `answer` claim the identity `name` (and `author`, when `require_author`): as a word of its own, not negated?"
+    ok = _claims(answer, name)
+    if require_author: ok = ok and author is not None and _claims(answer, author)
     return ok
+
 
 # %% ../nbs/05_self_cognition.ipynb #b08fa74a
 GENERAL_PROBE = [

@@ -160,3 +160,10 @@ def test_replay_prompts_share_no_template_with_the_general_probe():
     assert not {sig(q) for q in probe} & {sig(q) for q in REPLAY_PROMPTS}
     for phrase in ('capital of', 'opposite of', ' + ', ' times ', ' minus ', ' are in a', 'largest planet'):
         if any(phrase in q.lower() for q in probe): assert not [q for q in REPLAY_PROMPTS if phrase in q.lower()], phrase
+
+
+@pytest.mark.parametrize('answer, name, want', [('My name is Adam.', 'Ada', False), ('I am not Ada; I am SmolLM.', 'Ada', False),
+                                                ("I'm not sure, but I am Ada.", 'Ada', True), ('我不是Ada', 'Ada', False),
+                                                ('Hi! I am A d a.', 'Ada', True), ('Adaline here.', 'Ada', False)])
+def test_identity_is_a_claim_not_a_substring(answer, name, want):
+    assert identity_score(answer, name) is want
