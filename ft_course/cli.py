@@ -79,5 +79,5 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
 
-if __name__ == '__main__': sys.exit(main())   # `python -m ft_course.cli ...` as well as `python -m ft_course ...`
+if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())   # `python -m ft_course.cli ...` (not in a notebook)
 
