@@ -51,6 +51,7 @@ def main(out, names):
               for x in r['runs'][:4] + r['runs'][N_TOOL:N_TOOL + 2]]
         return dict(scores=r['scores'], seconds=round(time.time() - t0, 1), examples=ex)
     rate = lambda s, k: s[k][0] / max(1, s[k][1])
+    dev_key = lambda c, s: (rate(s, 'end_to_end'), -rate(s, 'spurious_calls'), -int(c[5:]))   # the choice rule on dev
     prev = os.environ.get('AGENT_PREV')   # an earlier call's JSON: keep its base and dev scores, retrain, score what it chose
     if prev:
         res = dict(json.loads(Path(prev).read_text()), date=res['date'], machine=res['machine'], continued_from=res['date'])
@@ -72,13 +73,13 @@ def main(out, names):
             sd = load_file(str(Path(ck) / 'trainable.safetensors'))
             rec['dev'][Path(ck).name] = score('dev', sd)
             print(name, Path(ck).name, rec['dev'][Path(ck).name]['scores'], flush=True)
-        best = max(rec['dev'], key=lambda c: (rate(rec['dev'][c]['scores'], 'end_to_end'), -rate(rec['dev'][c]['scores'], 'spurious_calls'), -int(c[5:])))
+        best = max(rec['dev'], key=lambda c: dev_key(c, rec['dev'][c]['scores']))
         rec['test_of_dev_best'] = dict(checkpoint=best, note='reported, not used to choose',
                                        **score('test', load_file(str(work / name / 'checkpoints' / best / 'trainable.safetensors'))))
         res['recipes'][name] = rec; save()
     # choose on dev: end-to-end first, then fewer spurious calls, then the earlier checkpoint
     cands = [(n, c, v['scores']) for n, rec in res['recipes'].items() for c, v in rec['dev'].items()]
-    n, c, _ = max(cands, key=lambda t: (rate(t[2], 'end_to_end'), -rate(t[2], 'spurious_calls'), -int(t[1][5:])))
+    n, c, _ = max(cands, key=lambda t: dev_key(t[1], t[2]))
     old = res.get('chosen') or {}
     if prev and (old.get('recipe'), old.get('checkpoint')) == (n, c):
         print('chosen on dev as before:', n, c, '- its test score is kept', flush=True)

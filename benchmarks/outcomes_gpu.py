@@ -33,7 +33,7 @@ LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES 
     'llava-b128': lambda: _variant(n_images=24000, batch_size=128, max_steps=450),
     # run of 2026-12-01 as 'llava-b128-px128' (best on dev): now RECIPES['gpu128']
     'llava-gpu128': lambda: _variant(base='gpu128'),
-    # laptop candidates (a CPU budget of about 20 minutes on 2 cores: stage 2 sees at most ~2,300 samples), chosen on dev
+    # laptop candidates (a CPU budget: stage 2 sees at most 2,240 samples, twice the 'cpu' recipe's), chosen on dev
     'lap-cpu': lambda: _variant(base='cpu'),
     'lap-b16': lambda: _variant(base='cpu', batch_size=16, lr=2e-3),
     'lap-s280': lambda: _variant(base='cpu', max_steps=280, lr=2e-3),

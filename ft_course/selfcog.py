@@ -93,8 +93,6 @@ def make_self_cognition(name, author, n=1000, lang='both', fmt='openai', out=Non
     return recs
 
 # %% ../nbs/05_self_cognition.ipynb #d888813d
-def _squash(s): return re.sub(r'\s+', '', s).lower()
-
 _NEGATION = re.compile(r"(?:\bnot|n't|\bnever|\bno longer|不是|并非)\W*(?:\w+\W+){0,2}$")
 
 def _claims(text, word) -> bool:

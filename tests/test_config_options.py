@@ -175,3 +175,14 @@ def test_python_m_cli_runs_the_command():
     import subprocess, sys
     out = subprocess.run([sys.executable, '-m', 'ft_course.cli', 'list-cfg'], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and 'smollm2_135m_qlora_selfcog_e3' in out.stdout, out
+
+def test_generator_key_table_matches_the_generators():
+    "DATA_GENERATOR_KEYS (config, below the trainer) lists exactly what each data generator accepts."
+    import inspect
+    from ft_course.config import DATA_GENERATOR_KEYS
+    from ft_course.train import DATA_GENERATORS, gen_self_cognition
+    from ft_course.selfcog import make_fictional_corpus
+    params = lambda f, drop: {p for p in inspect.signature(f).parameters if p not in drop}
+    assert set(DATA_GENERATOR_KEYS) == set(DATA_GENERATORS)
+    assert set(DATA_GENERATOR_KEYS['self_cognition']) == params(gen_self_cognition, {'cfg', 'out', 'model', 'tokenizer', 'kw'}) | {'kind', 'replay_tokens'}
+    assert set(DATA_GENERATOR_KEYS['fictional_corpus']) == params(make_fictional_corpus, {'out'}) | {'kind'}
