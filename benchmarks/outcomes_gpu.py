@@ -41,6 +41,14 @@ LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES 
     'lap-pt60': lambda: _variant(dict(max_steps=60), base='cpu', batch_size=16, lr=2e-3),
     'lap-pt120': lambda: _variant(dict(max_steps=120), base='cpu', batch_size=16, lr=2e-3),
     'lap-lr3': lambda: _variant(base='cpu', batch_size=16, lr=3e-3),
+    # left/right at the laptop budget (2,240 stage-2 conversations, stage 1 as RECIPES['laptop']): scenes of 2+ objects put a
+    # left/right question in most conversations (min_objects); with a higher lr or a larger LoRA
+    'lap-min2': lambda: _variant(base='laptop', min_objects=2),
+    'lap-min3': lambda: _variant(base='laptop', min_objects=3),
+    'lap-min2-lr3': lambda: _variant(base='laptop', min_objects=2, lr=3e-3),
+    'lap-min2-r64': lambda: _variant(base='laptop', min_objects=2, lora_r=64, lora_alpha=128),
+    'lap-min2-px128': lambda: _variant(dict(image_size=128), base='laptop', image_size=128, min_objects=2),
+    'smoke-llava-min2': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3, min_objects=2),
     'smoke-llava': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3),
 }
 DRIFT = {   # self-cognition generator settings; save_steps chosen for ~15 checkpoints a run

@@ -208,7 +208,7 @@ def build_dataset(cfg, tokenizer):
     from ft_course.llava import llava_settings
     s = llava_settings(cfg)
     rng = random.Random(s['seed'])
-    data = make_shapes_dataset(s['n_images'], seed=s['seed'], size=s['image_size'])
+    data = make_shapes_dataset(s['n_images'], seed=s['seed'], size=s['image_size'], n_min=s['min_objects'])
     images = [d['image'] for d in data]
     if s['stage'] == 'pretrain':
         convs = [caption_messages(d, rng) for d in data]
@@ -226,7 +226,7 @@ def build_dataset(cfg, tokenizer):
         if s['text_only']:
             t = text_only_conversations(); convs += t; idx += [None] * len(t)
     images += [real_photo(n) for n in s['photos']]
-    key = f"{s['vision_tower'].replace('/', '_')}-{s['image_size']}-shapes{s['n_images']}-seed{s['seed']}-photos{'_'.join(s['photos'])}-v1"
+    key = f"{s['vision_tower'].replace('/', '_')}-{s['image_size']}-shapes{s['n_images']}-seed{s['seed']}-photos{'_'.join(s['photos'])}{'-min%d' % s['min_objects'] if s['min_objects'] != 1 else ''}-v1"
     feats = image_features(images, cache_key=key, vision_tower=s['vision_tower'], image_size=s['image_size'])
     ds = LlavaDataset(convs, idx, feats, tokenizer, cfg.max_length)
     return ds, ds.collate_fn

@@ -94,12 +94,12 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 CHANCE = {'colour': 1 / len(COLOURS), 'shape': 1 / len(SHAPES), 'count': 1 / 4, 'left/right': 1 / 2}
 
 # %% ../nbs/13a_shapes.ipynb #7f111920
-def make_shapes_dataset(n: int, seed: int = 0, size: int = 224, n_max: int = 3) -> list[dict]:
-    "n synthetic samples: image, scene, caption and questions (same seed -> same data)."
+def make_shapes_dataset(n: int, seed: int = 0, size: int = 224, n_max: int = 3, n_min: int = 1) -> list[dict]:
+    "n synthetic samples of `n_min` to `n_max` objects: image, scene, caption and questions (same seed -> same data)."
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        sc = random_scene(rng, 1, n_max)
+        sc = random_scene(rng, n_min, n_max)
         out.append({'id': f"shapes-{seed}-{i}", 'image': render_scene(sc, size), 'scene': sc,
                     'caption': caption(sc, rng), 'qa': questions(sc, rng)})
     return out
