@@ -14,7 +14,9 @@ def n_trained(labels) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 def n_real(batch) -> int:
-    "Real (non-padding) tokens of a batch: the sum of its 2-D attention mask; every token when packed (a block mask) or without a mask."
+    """Real (non-padding) tokens of a batch: what the collate counted (`Batch.real_tokens`, e.g. packs padded to one
+    length), else the sum of its 2-D attention mask; every token when packed (a block mask) or without a mask."""
+    if getattr(batch, 'real_tokens', None) is not None: return int(batch.real_tokens)
     am = batch.get('attention_mask')
     if am is not None and am.dim() == 2: return int(am.sum())
     return int(batch['input_ids'].numel())
@@ -31,12 +33,14 @@ def _sum_over_ranks(values: list, world: int, dev='cpu') -> list:
 __all__ = ['IGNORE_INDEX', 'n_trained', 'n_real', 'window_backward', 'check_truncation', 'TrainingDiverged', 'check_finite']
 
 # %% ../nbs/06b_gradient_accumulation.ipynb #4ed231b3
-def window_backward(fwd, micro_batches, world: int = 1, engine=None, dev=None):
+def window_backward(fwd, micro_batches, world: int = 1, engine=None, dev=None, micro_step=None):
     """Forward and backward of one accumulation window (this process's micro-batches): each micro-batch's mean loss is
     scaled by its share of the trained tokens of the whole window on all processes, so the gradients add up to those
     of one batch holding them all. Returns (loss, trained tokens, real tokens) of the window on all processes; the
     loss is None when the window has no trained token (its gradient is then zero). Under DeepSpeed the engine steps
-    after every micro-batch but the last: that step, the update, is the caller's (after checking the loss)."""
+    after every micro-batch but the last: that step, the update, is the caller's (after checking the loss).
+    `micro_step(batch, scale)` (the fast path's `GraphedMicroStep`) takes over one micro-batch's forward and backward:
+    it backpropagates the mean loss times `scale` (0 when nothing is trained) and returns that mean loss."""
     import torch
     counts = [n_trained(b['labels']) for b in micro_batches]
     N, R = _sum_over_ranks([sum(counts), sum(n_real(b) for b in micro_batches)], world, dev)
@@ -44,6 +48,10 @@ def window_backward(fwd, micro_batches, world: int = 1, engine=None, dev=None):
     k = world * (engine.gradient_accumulation_steps() if engine is not None else 1) / max(N, 1)
     total = 0.0
     for i, (b, n) in enumerate(zip(micro_batches, counts)):
+        if micro_step is not None:            # a CUDA graph replays forward and backward (one process, no engine)
+            loss = micro_step(b, n * k)
+            if n: total += loss.double().item() * n
+            continue
         if dev is not None: b = {key: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for key, v in b.items()}
         loss = fwd(**b).loss                  # the mean over this micro-batch's n trained tokens
         # no trained token: the mean is 0/0; backpropagate a zero (every process still runs its backward, DDP needs it)

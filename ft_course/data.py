@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ['TEMPLATES', 'ROLES', 'ChatTemplate', 'register_template', 'get_template', 'chat_segments', 'render_chat',
            'TemplateCheck', 'check_template', 'DataError', 'detect_format', 'normalise_record', 'iter_raw',
            'iter_records', 'read_records', 'load_records_hf', 'encode_record', 'html_tokens', 'show_tokens',
-           'masked_text', 'pack_samples', 'packed_attention_mask', 'collate', 'trained_tokens', 'SFTDataset',
+           'masked_text', 'pack_samples', 'packed_attention_mask', 'Batch', 'collate', 'trained_tokens', 'SFTDataset',
            'DatasetReport', 'check_dataset', 'check_dataset_cli']
 
 # %% ../nbs/04_data.ipynb #05e1a454
@@ -345,8 +345,15 @@ def packed_attention_mask(seq_lens, total_len=None, dtype=None):
     return torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)
 
 # %% ../nbs/04_data.ipynb #2aa75b85
-def collate(batch, pad_id, packed='mask', mask_dtype=None, pad_to=None) -> dict:
-    "Pad samples or packs into tensors: input_ids, labels, position_ids and attention_mask (4D for packs)"
+class Batch(dict):
+    "A collated batch: a dict of tensors (what the model takes) that also knows its real, non-padding tokens (`real_tokens`)."
+    real_tokens: int | None = None
+
+def collate(batch, pad_id, packed='mask', mask_dtype=None, pad_to=None, max_segments=None) -> Batch:
+    """Pad samples or packs into tensors: input_ids, labels, position_ids and attention_mask (4D for packs); `pad_to`
+    pads to at least that length (one shape for every batch of packs: what a CUDA graph replays). `packed='varlen'`:
+    instead of a mask, `cu_seqlens` (int32), where each sample starts in the batch laid end to end, a row's padding its
+    own sample; `max_segments` pads it with empty samples to that many (one shape again)"""
     import torch
     L = max(len(b['input_ids']) for b in batch)
     if pad_to: L = max(L, pad_to)
@@ -361,11 +368,21 @@ def collate(batch, pad_id, packed='mask', mask_dtype=None, pad_to=None) -> dict:
         pos[i, :n] = torch.tensor(b['position_ids']) if 'position_ids' in b else torch.arange(n)
         pos[i, n:] = torch.arange(L - n)  # padding forms its own 'sample', so it never touches real tokens
         am[i, :n] = 1
-    out = dict(input_ids=ids, labels=labels, position_ids=pos)
+    out = Batch(input_ids=ids, labels=labels, position_ids=pos)
+    out.real_tokens = sum(len(b['input_ids']) for b in batch)
     if not is_packed: out['attention_mask'] = am
     elif packed == 'mask':
         out['attention_mask'] = torch.cat([packed_attention_mask(b['seq_lens'], L, mask_dtype) for b in batch])
-    elif packed != 'position_ids': raise ValueError(f"packed must be 'mask' or 'position_ids', got {packed!r}")
+    elif packed == 'varlen':
+        cu = [0]
+        for b in batch:
+            n = sum(b['seq_lens'])
+            for m in list(b['seq_lens']) + ([L - n] if L > n else []): cu.append(cu[-1] + m)
+        if max_segments is not None:
+            if len(cu) - 1 > max_segments: raise ValueError(f"{len(cu) - 1} samples in this batch, more than max_segments={max_segments}")
+            cu += [cu[-1]] * (max_segments + 1 - len(cu))
+        out['cu_seqlens'] = torch.tensor(cu, dtype=torch.int32)
+    elif packed != 'position_ids': raise ValueError(f"packed must be 'mask', 'varlen' or 'position_ids', got {packed!r}")
     return out
 
 # %% ../nbs/04_data.ipynb #0b0bbbc4
@@ -391,7 +408,8 @@ class SFTDataset:
     def pad_id(self):
         t = self.tokenizer
         return t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
-    def collate_fn(self, batch): return collate(batch, self.pad_id, packed=self.packed)
+    def collate_fn(self, batch, pad_to=None, max_segments=None):
+        return collate(batch, self.pad_id, packed=self.packed, pad_to=pad_to, max_segments=max_segments)
     def stats(self) -> dict:
         "Token counts: samples, items, real tokens, trained tokens"
         return dict(samples=len(self.samples), items=len(self.items), tokens=sum(len(s['input_ids']) for s in self.samples),

@@ -460,17 +460,44 @@ def _micro_batches(ds, collate_fn, cfg, rank, world, m, total_micro, micro_per_e
             m += 1
             if m >= total_micro or m % micro_per_epoch == 0: break
 
-def _optimizer_step(cfg, params, opt, sched, engine, step=None):
-    "Clip the gradients and step (DeepSpeed: the engine's last step of the window); returns the gradient norm, stops on a NaN or inf one."
+def _optimizer_step(cfg, params, opt, sched, engine, step=None, set_to_none=True):
+    """Clip the gradients and step (DeepSpeed: the engine's last step of the window); returns the gradient norm, stops on a NaN or inf one.
+    `set_to_none=False` zeroes the gradients in place (a CUDA graph adds into those very tensors)."""
     import torch
     from ft_course.accum import check_finite
     if engine is not None:   # the engine clips; fp16 overflows are its loss scaler's to skip
         engine.step(); return engine.get_global_grad_norm()
     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_norm if cfg.max_norm else float('inf'))
     check_finite(step, grad_norm=gn, lr=opt.param_groups[0]['lr'])   # before the update: the weights stay good
-    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=set_to_none)
     return gn
 
+
+# %% ../nbs/06_training_loop.ipynb #e2a4c6b8
+def _graph_plan(cfg, dev, world) -> tuple[bool, str]:
+    """(replay each micro-batch's forward and backward as a CUDA graph?, why or why not). On the fast path wherever the
+    batch shape is fixed: a CUDA device, one process without DeepSpeed, packs padded to max_length by the default
+    dataset. `fast=dict(cuda_graph=False)` turns it off; `cuda_graph=True` makes a missing condition an error."""
+    want = cfg.fast.get('cuda_graph') if isinstance(cfg.fast, dict) else getattr(cfg.fast, 'cuda_graph', None)
+    if not cfg.fast or want is False: return False, 'off'
+    need = [w for ok, w in [(str(dev).startswith('cuda'), 'a CUDA device'), (world == 1 and cfg.deepspeed is None, 'one process without DeepSpeed'),
+                            (cfg.pack_to_max_length, 'pack_to_max_length=True (one batch shape)'),
+                            (cfg.dataset_builder is None, 'the default dataset builder')] if not ok]
+    if need and want: raise ConfigError(f"{getattr(cfg, '_source', cfg.name)}: key 'fast': cuda_graph=True needs {', '.join(need)}")
+    return (not need), ('on: packs padded to max_length=%d, one graph per micro-batch' % cfg.max_length if not need else 'off: needs ' + ', '.join(need))
+
+def _fast_collate(cfg, ds, collate_fn, dev, graphed):
+    """The fast path's packed batches: on CUDA as `cu_seqlens`, flash attention within each sample (switch `varlen_attn`),
+    not a block mask; under the CUDA graph padded to max_length and to a fixed number of samples. (collate, how packed)."""
+    if not (cfg.fast and cfg.pack_to_max_length and cfg.dataset_builder is None and hasattr(ds, 'packed')): return collate_fn, None
+    from functools import partial
+    from ft_course.kernels import fast_config_from
+    from ft_course.fast import _varlen_impl
+    kw = dict(pad_to=cfg.max_length) if graphed else {}
+    if str(dev).startswith('cuda') and fast_config_from(cfg.fast, trainer=True).varlen_attn and _varlen_impl() is not None:
+        ds.packed = 'varlen'
+        if graphed: kw['max_segments'] = cfg.batch_size * (max(len(p['seq_lens']) for p in ds.items) + 1)
+    return (partial(collate_fn, **kw) if kw else collate_fn), ds.packed
 
 # %% ../nbs/06_training_loop.ipynb #3b60c0f7
 def _log_start(log, cfg, n, world, zero_stage, params, model, total_steps, micro_per_epoch, start_step):
@@ -506,6 +533,7 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
     import torch
     from tqdm.auto import tqdm
     main = rank == 0
+    graphed, why = _graph_plan(cfg, _device(), world)   # the fast path on a GPU: each micro-batch's forward and backward as one CUDA graph
     log = _Log(work_dir, main)
     ckpt = prepare_work_dir(work_dir, resume, cfg, log, overwrite, force_base)   # refuses a used work dir, checks a resume
     seed_everything(cfg.seed)
@@ -515,6 +543,12 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
     n, accum = len(ds), cfg.accumulative_counts
     micro_per_epoch, total_steps, total_micro = _step_counts(cfg, n, world)
     params, opt, sched, engine, zero_stage, fwd = _optimizer(cfg, model, total_steps, world, dev)
+    collate_fn, packed = _fast_collate(cfg, ds, collate_fn, dev, graphed)   # packs for flash attention within each sample (CUDA)
+    if cfg.fast and str(dev).startswith('cuda'): log('info', f'CUDA graph of the micro-step: {why}; packed batches: {packed}', step=0)
+    micro = None
+    if graphed:
+        from ft_course.fast import GraphedMicroStep
+        micro = GraphedMicroStep(fwd)
     start_step, rng = 0, None
     if ckpt is not None:
         state, rng = _resume(ckpt, cfg, model, opt, sched, engine)
@@ -533,9 +567,9 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
             window.append(batch)
             if (m + 1) % accum: continue     # the accumulation window is not complete yet
             lr = opt.param_groups[0]['lr']   # the rate this optimizer step uses
-            loss, n_trained, n_real = window_backward(fwd, window, world, engine, dev)   # the loss of the window as one batch
+            loss, n_trained, n_real = window_backward(fwd, window, world, engine, dev, micro)   # the loss of the window as one batch
             check_finite(step + 1, loss=loss, lr=lr)   # a NaN or inf loss stops the run before its update
-            gn = _optimizer_step(cfg, params, opt, sched, engine, step + 1)
+            gn = _optimizer_step(cfg, params, opt, sched, engine, step + 1, set_to_none=micro is None)
             step, window, dt = step + 1, [], time.time() - t0
             log('train', step=step, micro_step=(m + 1), epoch=round((m + 1) / micro_per_epoch, 4), loss=None if loss is None else round(loss, 6),
                 lr=lr, grad_norm=float(gn) if gn is not None else None, trained_tokens=n_trained, real_tokens=n_real,

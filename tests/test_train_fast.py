@@ -48,8 +48,123 @@ def test_fast_checkpoint_converts_to_a_peft_adapter(tmp_path):
     assert ans[0]['prompt'] == 'Question 1?' and isinstance(ans[0]['answer'], str)   # evaluation generated through the patched model
 
 @pytest.mark.parametrize('opt,key', [('fast=dict(checkpoint="disk")', 'fast'), ('fast=dict(nosuch=1)', 'fast'),
-                                     ('fast=dict(cuda_graph=True)', 'fast'), ('method="lora"', 'method'),
+                                     ('method="lora"', 'method'),
                                      ('lora_dropout=0.1', 'lora_dropout'), ('lora_target_modules=["q_proj"]', 'lora_target_modules')])
 def test_fast_switch_validation_names_the_key(tmp_path, opt, key):
     cfg = load_config(_cfg(tmp_path, fast=True), [opt])
     with pytest.raises(ConfigError, match=f"'{key}'"): validate_config(cfg)
+
+
+def test_graph_plan_on_the_fast_path_where_the_shape_is_fixed(tmp_path):
+    from ft_course.train import _graph_plan
+    packed = load_config(_cfg(tmp_path, fast=True, pack_to_max_length=True))
+    assert _graph_plan(packed, 'cuda:0', 1) == (True, 'on: packs padded to max_length=48, one graph per micro-batch')
+    assert _graph_plan(packed, 'cpu', 1) == (False, 'off: needs a CUDA device')
+    assert _graph_plan(packed, 'cuda:0', 2) == (False, 'off: needs one process without DeepSpeed')
+    unpacked = load_config(_cfg(tmp_path, fast=True))
+    assert _graph_plan(unpacked, 'cuda:0', 1) == (False, 'off: needs pack_to_max_length=True (one batch shape)')
+    assert _graph_plan(load_config(_cfg(tmp_path, fast=dict(cuda_graph=False), pack_to_max_length=True)), 'cuda:0', 1) == (False, 'off')
+    assert _graph_plan(load_config(_cfg(tmp_path, pack_to_max_length=True)), 'cuda:0', 1) == (False, 'off')   # not the fast path
+    asked = load_config(_cfg(tmp_path, fast=dict(cuda_graph=True)))
+    validate_config(asked)                                    # a valid switch ...
+    with pytest.raises(ConfigError, match="key 'fast': cuda_graph=True needs a CUDA device, pack_to_max_length=True"):
+        _graph_plan(asked, 'cpu', 1)                          # ... that this run cannot honour: an error, not a silent eager run
+
+def test_train_refuses_a_cuda_graph_it_cannot_give_before_touching_the_work_dir(tmp_path):
+    if torch.cuda.is_available(): pytest.skip('on a GPU the graph is available')
+    with pytest.raises(ConfigError, match='cuda_graph=True needs a CUDA device'):
+        train(_cfg(tmp_path, fast=dict(cuda_graph=True), pack_to_max_length=True), tmp_path / 'w', progress=False)
+    assert not (tmp_path / 'w' / 'log.jsonl').exists()
+
+def test_packs_padded_to_max_length_count_only_real_tokens():
+    from ft_course.data import collate
+    from ft_course.accum import n_real
+    packs = [dict(input_ids=[5, 6, 7], labels=[-100, 6, 7], position_ids=[0, 1, 2], seq_lens=[3]),
+             dict(input_ids=[5, 6], labels=[-100, 6], position_ids=[0, 1], seq_lens=[2])]
+    b = collate(packs, 0, pad_to=8)
+    assert b['input_ids'].shape == (2, 8) and b['attention_mask'].shape == (2, 1, 8, 8)
+    assert n_real(b) == 5 and n_real(collate(packs, 0)) == 5   # the padding is not counted, padded or not
+    assert n_real(dict(b)) == 16                                 # a plain dict of packs: every position, as before
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+def test_graphed_micro_step_adds_the_same_gradients_as_eager():
+    from transformers import LlamaConfig, AutoModelForCausalLM
+    from ft_course.fast import patch_model, GraphedMicroStep
+    from ft_course.kernels import FastConfig
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    torch.manual_seed(0)
+    m = patch_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda(), FastConfig(opt_in_backward=False), r=8, alpha=16,
+                    device='cuda', dtype=torch.bfloat16).train()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.02)            # B != 0: every LoRA tensor gets a gradient
+    params = [p for p in m.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    batches = [dict(input_ids=torch.randint(0, 1024, (2, 64), generator=g)) for _ in range(4)]
+    for b in batches: b['labels'] = b['input_ids'].clone()
+    def eager(b, s):
+        loss = m(**{k: v.cuda() for k, v in b.items()}).loss; (loss * s).backward(); return loss.detach()
+    def run(step):
+        for p in params: p.grad = None
+        losses = [float(step(b, 0.5 + i)) for i, b in enumerate(batches)]   # read at once: the graph's loss tensor is reused
+        return losses, [p.grad.clone() for p in params]
+    le, ge = run(eager)
+    step = GraphedMicroStep(m)
+    lg, gg = run(step)                                      # eager, captured, then replayed twice
+    assert step.replays == 3 and len(step.graphs) == 1
+    for a, b in zip(lg, le): assert abs(a - b) <= 1e-6 * abs(b), (lg, le)   # the same kernels, replayed
+    for a, b in zip(gg, ge): assert torch.allclose(a, b, rtol=1e-3, atol=1e-6), (a - b).abs().max()
+
+def _tiny_fast(device, dtype, **sw):
+    from transformers import LlamaConfig, AutoModelForCausalLM
+    from ft_course.fast import patch_model
+    from ft_course.kernels import FastConfig
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    torch.manual_seed(0)
+    m = patch_model(AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device), FastConfig(opt_in_backward=False, **sw), r=8, alpha=16,
+                    device=device, dtype=dtype).train()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.02)
+    return m
+
+def _packs(seed=0, n=6, L=64):
+    "Packs of random samples (lengths 5-40) greedily filled up to L tokens."
+    from ft_course.data import pack_samples
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n * 3):
+        k = int(torch.randint(5, 40, (1,), generator=g))
+        ids = torch.randint(0, 1024, (k,), generator=g).tolist()
+        samples.append(dict(input_ids=ids, labels=[-100] * 3 + ids[3:]))
+    return pack_samples(samples, L)[:n]
+
+def _loss_and_grads(m, b):
+    for p in m.parameters(): p.grad = None
+    dev = next(m.parameters()).device
+    loss = m(**{k: v.to(dev) for k, v in b.items()}).loss; loss.backward()
+    return loss.item(), [p.grad.float().clone() for p in m.parameters() if p.requires_grad]
+
+@pytest.mark.parametrize('varlen_attn', [True, False])
+def test_varlen_batches_give_the_block_mask_loss_and_gradients(varlen_attn):
+    "On a CPU `varlen_attention` falls back to the segment mask; with the switch off the fast path rebuilds the block mask."
+    from ft_course.data import collate
+    m = _tiny_fast('cpu', torch.float32, varlen_attn=varlen_attn, checkpoint='layer')
+    packs = _packs()
+    la, ga = _loss_and_grads(m, collate(packs, 0, packed='mask', pad_to=64))
+    lb, gb = _loss_and_grads(m, collate(packs, 0, packed='varlen', pad_to=64, max_segments=40))
+    assert abs(la - lb) < 1e-5 * la, (la, lb)
+    for a, b in zip(ga, gb): assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match='max_segments=2'): collate(packs, 0, packed='varlen', max_segments=2)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='flash attention needs a GPU')
+def test_flash_varlen_on_cuda_matches_the_block_mask():
+    from ft_course.data import collate
+    from ft_course.fast import _varlen_impl
+    assert _varlen_impl() is not None, 'torch.nn.attention.varlen.varlen_attn is missing or has an unknown signature'
+    m = _tiny_fast('cuda', torch.bfloat16)
+    packs = _packs(1, n=8, L=128)
+    la, ga = _loss_and_grads(m, collate(packs, 0, packed='mask', pad_to=128))
+    lb, gb = _loss_and_grads(m, collate(packs, 0, packed='varlen', pad_to=128, max_segments=64))
+    assert abs(la - lb) < 2e-3 * la, (la, lb)
+    for a, b in zip(ga, gb): assert (a - b).norm() <= 2e-2 * a.norm() + 1e-6, ((a - b).norm(), a.norm())
