@@ -209,10 +209,13 @@ def patch_model(model, cfg: FastConfig | None = None, r: int = 64, alpha: float 
     return model
 
 # %% ../nbs/16b_fast_model.ipynb #b4d6f8a0
+import functools
+
 class VarlenSegments:
     "The `cu_seqlens` of a packed batch (int32, where each sample starts in the batch laid end to end), in place of a mask."
     def __init__(self, cu): self.cu = cu
 
+@functools.lru_cache(maxsize=None)   # looked up once, not in every layer's attention
 def _varlen_impl():
     "(varlen_attn, its keyword arguments for a causal mask, does it take enable_gqa) in this torch, or None."
     try: from torch.nn.attention.varlen import varlen_attn
