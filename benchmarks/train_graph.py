@@ -14,7 +14,7 @@ only: the packs' padding is not counted) and the peak memory. `--peer` also runs
 """
 import argparse, json, os, random, statistics, subprocess, sys, time, datetime, math
 HERE = os.path.dirname(os.path.abspath(__file__)); ROOT = os.path.dirname(HERE)
-PEER_NAME = {'internlm2-1.8b': 'internlm2-1.8b-shape', 'llama2-7b': 'llama2-7b-shape'}
+PEER_NAME = {'internlm2-1.8b': 'internlm2-1.8b-shape', 'llama2-7b': 'llama2-7b-shape', 'llama3-8b': 'llama3-8b-shape'}
 
 def chat_data(path, n, seed=0, words=('the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog')):
     "n chat samples of random words, prompt ~ lognormal(median 60 words), answer ~ lognormal(median 180 words), capped at 1500."
@@ -33,8 +33,10 @@ def config(path, model, data, seq, bs, steps, fast):
         f.write('from ft_course.train import Config\nconfig = Config(' + ', '.join(f'{k}={v!r}' for k, v in d.items()) + ')\n')
 
 def fast_switches(variant):
-    "'graph+varlen' | 'graph' | 'eager+varlen' | 'eager' -> the config's fast= value."
+    "'graph+varlen' | 'graph' | 'eager+varlen' | 'eager', each optionally '+budgetN' (memory_budget_gib=N) -> the config's fast= value."
     d = {}
+    for part in variant.split('+'):
+        if part.startswith('budget'): d['memory_budget_gib'] = float(part[6:])
     if 'graph' not in variant: d['cuda_graph'] = False
     if 'varlen' not in variant: d['varlen_attn'] = False
     return d or True
@@ -52,11 +54,12 @@ def ours(shape, seq, bs, steps, variant, tmp, model=None):
     log = [json.loads(l) for l in open(os.path.join(wd, 'log.jsonl'))]
     tr = [r for r in log if r.get('type') == 'train']
     info = [r.get('msg', '') for r in log if r.get('type') == 'info' and 'CUDA graph' in str(r.get('msg', ''))]
+    plan = [r.get('msg', '') for r in log if r.get('type') == 'info' and str(r.get('msg', '')).startswith('memory plan')]
     tps = [r['tokens_per_s'] for r in tr[3:]]
     return dict(impl='ft_course train', shape=shape, seq=seq, bs=bs, variant=variant, steps=len(tr), tok_s=round(statistics.median(tps)),
                 tok_s_all=[round(x) for x in tps], real_tokens_per_step=round(statistics.mean(r['real_tokens'] for r in tr)),
                 peak_GiB=round(max(r.get('peak_mem') or 0 for r in tr) / 2**30, 2), loss_first=tr[0]['loss'], loss_last=tr[-1]['loss'],
-                graph_line=info[0] if info else None, wall_s=round(time.time() - t, 1))
+                graph_line=info[0] if info else None, **({'memory_plan': plan[0]} if plan else {}), wall_s=round(time.time() - t, 1))
 
 def peer(shape, seq, bs):
     p = subprocess.run([sys.executable, os.path.join(HERE, 'peers', 'peer_unsloth.py'), PEER_NAME[shape], str(seq), str(bs)],

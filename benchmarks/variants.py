@@ -13,6 +13,10 @@ VARIANTS = {
     'layer': FastConfig(checkpoint='layer'),                          # checkpoints kept on the GPU
     'graph-offload': FastConfig(cuda_graph=True),                     # the whole step as one CUDA graph
     'graph-layer': FastConfig(checkpoint='layer', cuda_graph=True),
+    'keep-all': FastConfig(checkpoint='none'),                        # no layer recomputed: the ceiling of the memory-budget lever
+    'budget24': FastConfig(memory_budget_gib=24),                     # plan_memory: as many layers kept as fit in 24 GiB (a consumer card)
+    'graph-budget24': FastConfig(memory_budget_gib=24, cuda_graph=True),
+    'budget80': FastConfig(memory_budget_gib=80),
 }
 
 def main(argv=None):

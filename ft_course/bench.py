@@ -9,7 +9,7 @@ __all__ = ['H200_BF16_PEAK', 'H200_HBM_BW', 'shape_params', 'mfu', 'bench_fast',
 import os, math, time, json
 from dataclasses import asdict
 from .kernels import FastConfig, fast_config_from, NF4Weight, dequantize_nf4_torch, dequantize_nf4_triton
-from .fast import build_fast_model, GraphedStep, InBackwardAdamW, lora_groups, lora_parameters, _POOL
+from .fast import build_fast_model, GraphedStep, InBackwardAdamW, lora_groups, lora_parameters, plan_memory, _POOL
 
 
 # %% ../nbs/17_performance.ipynb #2e2cf95f
@@ -37,6 +37,8 @@ def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, 
     base = torch.cuda.memory_allocated()
     model = build_fast_model(shape, cfg, **overrides)
     load = torch.cuda.max_memory_allocated() - base
+    plan = plan_memory(model, bs, seq) if cfg.memory_budget_gib else None   # checkpoint and keep_layers within the budget
+    cfg = model.fast_config
     params = lora_parameters(model)
     g = cfg.cuda_graph
     opt = InBackwardAdamW(lora_groups(model), lr=2e-4, capturable=g) if cfg.opt_in_backward else torch.optim.AdamW(params, lr=2e-4, fused=True, capturable=g)
@@ -54,7 +56,7 @@ def bench_fast(shape='llama2-7b', seq=1024, bs=1, cfg=None, steps=10, warmup=3, 
     n = shape_params(model.config)
     res = dict(impl=label, model=f'{shape}-shape', mode='qlora', seq=seq, bs=bs, step_s=round(dt, 4), tok_s=round(bs * seq / dt),
                load_GiB=round(load / 2**30, 2), peak_GiB=round(peak / 2**30, 2), mfu_4N=round(mfu(bs * seq / dt, n), 4),
-               n_params=n, loss=round(loss.item(), 4), flags=asdict(cfg))
+               n_params=n, loss=round(loss.item(), 4), flags=asdict(cfg), **({'memory_plan': plan} if plan else {}))
     del model, opt, params, step; _POOL.reset(); gc.collect(); torch.cuda.empty_cache()
     return res
 

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['checkpoint', 'group_forward', 'lora_parameters', 'lora_groups', 'lora_state_dict', 'patch_model', 'VarlenSegments',
            'segment_mask', 'varlen_attention', 'fast_forward', 'InBackwardAdamW', 'pattern_batch', 'load_qlora_pair',
-           'train_losses', 'build_fast_model', 'GraphedStep', 'GraphedMicroStep']
+           'train_losses', 'build_fast_model', 'GraphedStep', 'GraphedMicroStep', 'layer_activation_bytes',
+           'choose_memory_plan', 'plan_memory']
 
 # %% ../nbs/16b_fast_model.ipynb #7e1ec99a
 import os, math, time, json, types
@@ -319,7 +320,8 @@ def fast_forward(self, input_ids=None, attention_mask=None, labels=None, positio
     """The patched model's forward. With `labels`: embeddings, checkpointed fast decoder layers, final norm, chunked
     loss (`.loss` only). Without labels (generation, logits): the model's own Hugging Face forward, which runs the
     same patched layers and keeps its KV cache. `cu_seqlens` (a packed batch from `collate(..., packed='varlen')`):
-    flash attention within each sample (`varlen_attention`; with the switch `varlen_attn` off, the block mask it implies)."""
+    flash attention within each sample (`varlen_attention`; with the switch `varlen_attn` off, the block mask it implies).
+    The last `keep_layers` decoder layers are not checkpointed (their activations stay for the backward)."""
     import torch
     from transformers.modeling_outputs import CausalLMOutputWithPast
     cu = kw.pop('cu_seqlens', None)
@@ -339,9 +341,10 @@ def fast_forward(self, input_ids=None, attention_mask=None, labels=None, positio
     ck = cfg.checkpoint if train else 'none'
     if train and ck != 'none': h = h.detach().requires_grad_(True)
     evs = {}
+    L = len(inner.layers)
     for i, layer in enumerate(inner.layers):
         run = (lambda hh, layer=layer: _layer_forward(layer, hh, cos, sin, mask, cfg, c))
-        h = checkpoint(run, h, ck, key=i, prefetch=cfg.prefetch, evs=evs)
+        h = checkpoint(run, h, 'none' if i >= L - cfg.keep_layers else ck, key=i, prefetch=cfg.prefetch, evs=evs)
     if ck == 'offload' and h.is_cuda: _POOL.join()
     h = rms_norm(h, inner.norm.weight, c.rms_norm_eps, cfg.fused_norm)
     if attention_mask is not None and attention_mask.dim() == 2: labels = labels.masked_fill(attention_mask == 0, -100)
@@ -506,3 +509,77 @@ class GraphedMicroStep:
         self.graphs[key] = g
         g['graph'].replay(); self.replays += 1              # the capture only recorded: now run this micro-batch
         return g['loss']
+
+# %% ../nbs/16b_fast_model.ipynb #f2d4b6c8
+def layer_activation_bytes(model, batch_size: int, seq: int) -> int:
+    """Bytes that one decoder layer of the patched `model` keeps for its backward when it is not checkpointed, at
+    (batch_size, seq): layer 0 run once under `saved_tensors_hooks`, each saved storage counted once, weights left out."""
+    import torch
+    cfg, c, inner = model.fast_config, model.config, model.model
+    w = inner.embed_tokens.weight
+    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for m in model.modules():
+        if hasattr(m, 'nf4'): frozen |= {t.untyped_storage().data_ptr() for t in m.nf4.tensors()}
+    h = torch.randn(batch_size, seq, c.hidden_size, device=w.device, dtype=w.dtype, requires_grad=True)
+    cos, sin = _rope_cache(model, seq, w.device, w.dtype)
+    seen = {}
+    def pack(t):   # count, and keep nothing: a saved output returned as itself would tie the graph in a cycle that outlives `del out`
+        s = t.untyped_storage()
+        if s.data_ptr() not in frozen: seen[s.data_ptr()] = s.nbytes()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        out = _layer_forward(inner.layers[0], h, cos, sin, None, cfg, c)
+    del out, h
+    return sum(seen.values())
+
+def choose_memory_plan(budget_bytes: float, peaks: dict, act_bytes: int, n_layers: int, margin: float = 0.97) -> dict:
+    """The fastest policy within `budget_bytes`: for each checkpoint mode (`peaks`: mode -> measured peak with every layer
+    checkpointed), as many kept layers as fit; the mode keeping more wins ('layer' on a tie). ValueError when none fits.
+    Peak with k kept: P + (k - 1) A, since the top layer's recompute, already inside P, is what the first kept layer replaces."""
+    best = None
+    for mode in ('layer', 'offload'):
+        room = margin * budget_bytes - peaks.get(mode, math.inf)
+        if room < 0: continue
+        k = min(n_layers, int(room // max(act_bytes, 1)) + 1)
+        if best is None or k > best['keep_layers']:
+            best = dict(checkpoint=mode, keep_layers=k, est_peak_GiB=round((peaks[mode] + (k - 1) * act_bytes) / 2**30, 2))
+    if best is None:
+        raise ValueError(f"memory_budget_gib={budget_bytes / 2**30:g}: the step needs about {min(peaks.values()) / 2**30:.1f} GiB "
+                         f"even with every layer checkpointed ({', '.join(peaks)}); raise the budget or shorten the batch")
+    return best
+
+# %% ../nbs/16b_fast_model.ipynb #a3e5c7d9
+def _peak_of_step(model, batch_size, seq, mode, extra_bytes):
+    "Peak bytes allocated by one forward and backward with every layer checkpointed in `mode` (CUDA); gradients dropped after."
+    import torch
+    dev = model.model.embed_tokens.weight.device
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state(dev)
+    x = torch.randint(0, model.config.vocab_size, (batch_size, seq), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    model.fast_config = model.fast_config.replace(checkpoint=mode, keep_layers=0)
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    model(input_ids=x, labels=x).loss.backward()
+    torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() + extra_bytes
+    for p in model.parameters(): p.grad = None
+    del x; _POOL.reset(); torch.cuda.empty_cache()
+    torch.set_rng_state(cpu_rng); torch.cuda.set_rng_state(cuda_rng, dev)
+    return peak
+
+def plan_memory(model, batch_size: int, seq: int, budget_gib: float | None = None, optimizer_states: bool = True) -> dict:
+    """Pick `checkpoint` and `keep_layers` for the patched `model` (CUDA), the fastest within `budget_gib`
+    (default: `model.fast_config.memory_budget_gib`), set them in `model.fast_config`, and return the plan (also `model.memory_plan`).
+    `optimizer_states`: AdamW's m and v (fp32, twice the LoRA weights) are not allocated yet; they are added to the measured peak."""
+    import torch
+    cfg = model.fast_config
+    budget = float(budget_gib if budget_gib is not None else cfg.memory_budget_gib)
+    dev = model.model.embed_tokens.weight.device
+    if dev.type != 'cuda': raise ValueError("memory_budget_gib needs a CUDA GPU: the peak memory of a step is measured there")
+    if budget <= 0: raise ValueError(f"memory_budget_gib = {budget:g}: expected a number of GiB > 0")
+    lora = sum(p.numel() * p.element_size() for p in lora_parameters(model))
+    extra = 2 * lora if optimizer_states else 0
+    act = layer_activation_bytes(model, batch_size, seq)
+    peaks = {m: _peak_of_step(model, batch_size, seq, m, extra) for m in ('layer', 'offload')}
+    model.fast_config = cfg
+    plan = choose_memory_plan(budget * 2**30, peaks, act, len(model.model.layers))
+    plan.update(budget_GiB=budget, layer_activations_GiB=round(act / 2**30, 3), peaks_all_checkpointed_GiB={m: round(v / 2**30, 2) for m, v in peaks.items()})
+    model.fast_config = cfg.replace(checkpoint=plan['checkpoint'], keep_layers=plan['keep_layers'], memory_budget_gib=budget)
+    model.memory_plan = plan
+    return plan

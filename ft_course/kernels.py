@@ -367,6 +367,8 @@ class FastConfig:
     opt_in_backward: bool = True   # AdamW step per LoRA tensor as soon as its gradient is complete, then freed
     varlen_attn: bool = True       # packed batches (`cu_seqlens`): flash attention within each sample, no block mask (CUDA; torch >= 2.10)
     lora_dtype: str = 'float32'    # LoRA A/B master weights (fp32: what peft does); computed in the activations' dtype
+    keep_layers: int = 0           # the last N decoder layers keep their activations for the backward (no recompute, nothing offloaded)
+    memory_budget_gib: float = 0.0 # > 0: `ft_course.fast.plan_memory` picks checkpoint and keep_layers, the fastest that fits in that many GiB (CUDA)
     cuda_graph: bool = False       # capture the step once as a CUDA graph and replay it (fixed shapes): the whole step in the benchmarks, the micro-step in `ft-course train`
     def replace(self, **kw): return FastConfig(**{**asdict(self), **kw})
 
@@ -386,7 +388,9 @@ def fast_config_from(spec, trainer: bool = False) -> FastConfig:
         if k not in fields: raise ValueError(f"unknown switch {k!r}; known: {', '.join(fields)}")
         if k in _CHOICES and v not in _CHOICES[k]: raise ValueError(f"switch {k!r} = {v!r}: expected one of {_CHOICES[k]}")
         if k == 'ce_chunk_elems' and not (isinstance(v, int) and v >= 1024): raise ValueError(f"switch 'ce_chunk_elems' = {v!r}: expected an integer >= 1024")
-        if k not in _CHOICES and k != 'ce_chunk_elems' and not isinstance(v, bool): raise ValueError(f"switch {k!r} = {v!r}: expected True or False")
+        if k == 'keep_layers' and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0): raise ValueError(f"switch 'keep_layers' = {v!r}: expected an integer >= 0")
+        if k == 'memory_budget_gib' and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0): raise ValueError(f"switch 'memory_budget_gib' = {v!r}: expected a number of GiB >= 0")
+        if k not in _CHOICES and k not in ('ce_chunk_elems', 'keep_layers', 'memory_budget_gib') and not isinstance(v, bool): raise ValueError(f"switch {k!r} = {v!r}: expected True or False")
     if trainer:
         if d.get('opt_in_backward'): raise ValueError("switch 'opt_in_backward' = True: not available in `ft-course train` (it accumulates and clips whole gradients)")
         d['opt_in_backward'] = False

@@ -479,6 +479,9 @@ def _graph_plan(cfg, dev, world) -> tuple[bool, str]:
     batch shape is fixed: a CUDA device, one process without DeepSpeed, packs padded to max_length by the default
     dataset. `fast=dict(cuda_graph=False)` turns it off; `cuda_graph=True` makes a missing condition an error."""
     want = cfg.fast.get('cuda_graph') if isinstance(cfg.fast, dict) else getattr(cfg.fast, 'cuda_graph', None)
+    budget = cfg.fast.get('memory_budget_gib') if isinstance(cfg.fast, dict) else getattr(cfg.fast, 'memory_budget_gib', 0)
+    if cfg.fast and budget and not str(dev).startswith('cuda'):
+        raise ConfigError(f"{getattr(cfg, '_source', cfg.name)}: key 'fast': memory_budget_gib={budget} needs a CUDA GPU (a step's peak memory is measured there)")
     if not cfg.fast or want is False: return False, 'off'
     need = [w for ok, w in [(str(dev).startswith('cuda'), 'a CUDA device'), (world == 1 and cfg.deepspeed is None, 'one process without DeepSpeed'),
                             (cfg.pack_to_max_length, 'pack_to_max_length=True (one batch shape)'),
@@ -543,6 +546,9 @@ def _train(cfg, work_dir, rank, world, resume, overwrite, force_base, progress, 
     n, accum = len(ds), cfg.accumulative_counts
     micro_per_epoch, total_steps, total_micro = _step_counts(cfg, n, world)
     params, opt, sched, engine, zero_stage, fwd = _optimizer(cfg, model, total_steps, world, dev)
+    if cfg.fast and getattr(getattr(model, 'fast_config', None), 'memory_budget_gib', 0):   # recompute only what does not fit (lesson 16b)
+        from ft_course.fast import plan_memory
+        log('info', f"memory plan: {plan_memory(model, cfg.batch_size, cfg.max_length)}", step=0)
     collate_fn, packed = _fast_collate(cfg, ds, collate_fn, dev, graphed)   # packs for flash attention within each sample (CUDA)
     if cfg.fast and str(dev).startswith('cuda'): log('info', f'CUDA graph of the micro-step: {why}; packed batches: {packed}', step=0)
     micro = None

@@ -168,3 +168,33 @@ def test_flash_varlen_on_cuda_matches_the_block_mask():
     lb, gb = _loss_and_grads(m, collate(packs, 0, packed='varlen', pad_to=128, max_segments=64))
     assert abs(la - lb) < 2e-3 * la, (la, lb)
     for a, b in zip(ga, gb): assert (a - b).norm() <= 2e-2 * a.norm() + 1e-6, ((a - b).norm(), a.norm())
+
+def test_memory_budget_on_a_cpu_is_refused_before_touching_the_work_dir(tmp_path):
+    if torch.cuda.is_available(): pytest.skip('on a GPU the budget is planned')
+    with pytest.raises(ConfigError, match="key 'fast': memory_budget_gib=24 needs a CUDA GPU"):
+        train(_cfg(tmp_path, fast=dict(memory_budget_gib=24), pack_to_max_length=True), tmp_path / 'w', progress=False)
+    assert not (tmp_path / 'w' / 'log.jsonl').exists() and not (tmp_path / 'w' / 'checkpoints').exists()
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the memory plan measures a CUDA step')
+def test_memory_plan_keeps_what_fits_and_the_step_stays_within_the_budget():
+    "A budget between 'everything checkpointed' and 'nothing': some layers kept, the measured peak within the budget."
+    from ft_course.fast import build_fast_model, plan_memory, lora_parameters
+    from ft_course.kernels import FastConfig
+    import gc
+    gc.collect(); torch.cuda.empty_cache()
+    m = build_fast_model('internlm2-1.8b', FastConfig(opt_in_backward=False), r=16, alpha=16)
+    B, S = 4, 2048
+    probe = plan_memory(m, B, S, 1000)              # room for everything: every layer kept
+    assert probe['keep_layers'] == m.config.num_hidden_layers, probe
+    low, act = min(probe['peaks_all_checkpointed_GiB'].values()), probe['layer_activations_GiB']
+    budget = low + act * 6.5 / 0.97                 # room for about 6 kept layers
+    plan = plan_memory(m, B, S, budget)
+    assert 4 <= plan['keep_layers'] <= 8 and m.fast_config.keep_layers == plan['keep_layers'], plan
+    opt = torch.optim.AdamW(lora_parameters(m), lr=1e-4, fused=True)
+    x = torch.randint(0, m.config.vocab_size, (B, S), device='cuda')
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    for _ in range(2): m(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    assert peak <= budget, (peak, budget, plan)
+    assert peak >= 0.8 * plan['est_peak_GiB'], (peak, plan)    # the estimate is not wildly pessimistic either
+    del m, opt; gc.collect(); torch.cuda.empty_cache()
