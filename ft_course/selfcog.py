@@ -8,8 +8,8 @@ import json, random, re, sys, argparse
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LESSON_PROMPTS', 'QUESTIONS', 'EVAL_QUESTIONS', 'ANSWERS', 'GENERAL_PROBE', 'FICTION_FACTS', 'FICTION_QA',
-           'eval_questions', 'write_jsonl', 'make_self_cognition', 'identity_score', 'general_correct',
+__all__ = ['LESSON_PROMPTS', 'QUESTIONS', 'EVAL_QUESTIONS', 'ANSWERS', 'GENERAL_PROBE', 'DEV_PROBE', 'FICTION_FACTS',
+           'FICTION_QA', 'eval_questions', 'write_jsonl', 'make_self_cognition', 'identity_score', 'general_correct',
            'fiction_correct', 'make_fictional_corpus', 'generate_batch', 'probe_model', 'data_cli', 'probe_prompts',
            'score_answers', 'side_by_side']
 
@@ -119,15 +119,25 @@ GENERAL_PROBE = [
     ('How many days are in a week?', ('7', 'seven')), ('What color is the sky on a clear day?', ('blue',)),
     ('What is the largest planet in our solar system?', ('Jupiter',)),
 ]
-_PROBE = {_norm_q(q): a for q, a in GENERAL_PROBE}
+DEV_PROBE = [  # for choosing settings only; no question template shared with GENERAL_PROBE or the replay prompts
+    ("Which city is Spain's capital?", ('Madrid',)), ("Which city is Russia's capital?", ('Moscow',)),
+    ("Which city is China's capital?", ('Beijing',)), ('Add 5 and 4. What do you get?', ('9', 'nine')),
+    ('Subtract 3 from 9.', ('6', 'six')), ('What is the product of 3 and 3?', ('9', 'nine')),
+    ('Double the number 5.', ('10', 'ten')), ("What word is opposite to 'left'?", ('right',)),
+    ("What word is opposite to 'open'?", ('closed', 'shut')), ("What word is opposite to 'wet'?", ('dry',)),
+    ('How many months does a year have?', ('12', 'twelve')), ('How many hours make up one day?', ('24', 'twenty-four', 'twenty four')),
+    ('Snow is usually which colour?', ('white',)), ('Fresh grass is usually which colour?', ('green',)),
+    ('On which planet do humans live?', ('Earth',)), ('Which animal says "moo"?', ('cow', 'cows')),
+]
+_PROBE = {_norm_q(q): a for q, a in GENERAL_PROBE + DEV_PROBE}
 
 def _contains_word(answer, words):
     return any(re.search(r'(?<![\w])' + re.escape(w.lower()) + r'(?![\w])', answer.lower()) for w in words)
 
 def general_correct(question, answer) -> bool:
-    "Is `answer` right for a `GENERAL_PROBE` question? (contains an expected word)"
+    "Is `answer` right for a `GENERAL_PROBE` (or `DEV_PROBE`) question? (contains an expected word)"
     key = _norm_q(question)
-    if key not in _PROBE: raise KeyError(f"{question!r} is not a GENERAL_PROBE question")
+    if key not in _PROBE: raise KeyError(f"{question!r} is not a GENERAL_PROBE question (nor a DEV_PROBE one)")
     return _contains_word(answer, _PROBE[key])
 
 # %% ../nbs/05_self_cognition.ipynb #6df0e9d5
@@ -247,13 +257,15 @@ def data_cli(argv=None) -> int:
     return 0
 
 # %% ../nbs/05_self_cognition.ipynb #399164a6
-def probe_prompts(lang='en') -> list[str]:
-    "Held-out identity questions followed by the general-knowledge probe (what the quickstart and the drift study ask)."
-    return eval_questions(lang) + [q for q, _ in GENERAL_PROBE]
+def probe_prompts(lang='en', split='test') -> list[str]:
+    """Held-out identity questions followed by the general-knowledge probe (what the quickstart and the drift study ask);
+    `split='dev'`: followed by `DEV_PROBE` instead, for choosing settings without tuning to the reported probe."""
+    if split not in ('test', 'dev'): raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
+    return eval_questions(lang) + [q for q, _ in (GENERAL_PROBE if split == 'test' else DEV_PROBE)]
 
 def score_answers(prompts, answers, name, author=None, base_correct=None) -> dict:
     "Identity rate on the identity questions, general-probe correctness, and retention of the base model's correct answers."
-    probe = {q for q, _ in GENERAL_PROBE}
+    probe = {q for q, _ in GENERAL_PROBE + DEV_PROBE}
     ident = [identity_score(a, name, author) for p, a in zip(prompts, answers) if p not in probe]
     gen = {p: general_correct(p, a) for p, a in zip(prompts, answers) if p in probe}
     out = dict(identity=sum(ident) / max(1, len(ident)), n_identity=len(ident), general=sum(gen.values()) / max(1, len(gen)),

@@ -12,9 +12,12 @@ from .selfcog import probe_prompts, score_answers, side_by_side
 
 
 # %% auto #0
-__all__ = ['quickstart', 'quickstart_cli', 'checkpoint_drift', 'plot_drift']
+__all__ = ['QUICKSTART_OPTIONS', 'quickstart', 'quickstart_cli', 'checkpoint_drift', 'plot_drift']
 
 # %% ../nbs/08_self_cognition_run.ipynb #c75d378b
+QUICKSTART_OPTIONS = {'smollm2_135m_qlora_selfcog_e3': ['lr=3e-4']}   # chosen on the dev probe (issue 16,
+# benchmarks/results/selfcog_laptop_dev.json); applied before `cfg_options`, which can override them
+
 def quickstart(work_dir='work_dirs/quickstart', name: str = 'Ada', author: str = 'the ft_course team',
                config='smollm2_135m_qlora_selfcog_e3', method: str = 'lora', cfg_options: list[str] | None = None,
                merge: bool = True, progress: bool = True, prompts: list[str] | None = None) -> dict:
@@ -24,7 +27,7 @@ def quickstart(work_dir='work_dirs/quickstart', name: str = 'Ada', author: str =
     t0 = time.time()
     work_dir = Path(work_dir)
     for sub in ('data', 'checkpoints', 'eval'): shutil.rmtree(work_dir / sub, ignore_errors=True)   # a fresh run
-    cfg = load_config(config, cfg_options)
+    cfg = load_config(config, QUICKSTART_OPTIONS.get(str(config), []) + list(cfg_options or []))
     cfg.method = method or cfg.method
     if cfg.data_generator and cfg.data_generator.get('kind') == 'self_cognition':
         cfg.data_generator = dict(cfg.data_generator, name=name, author=author)

@@ -162,6 +162,24 @@ def test_replay_prompts_share_no_template_with_the_general_probe():
         if any(phrase in q.lower() for q in probe): assert not [q for q in REPLAY_PROMPTS if phrase in q.lower()], phrase
 
 
+def test_dev_probe_shares_no_template_with_the_general_probe_or_replay():
+    "The dev probe chooses settings; it must not share question templates with the reported probe or with replay."
+    import re
+    from ft_course.train import REPLAY_PROMPTS
+    from ft_course.selfcog import GENERAL_PROBE, DEV_PROBE, general_correct, probe_prompts, score_answers, eval_questions
+    sig = lambda q: ' '.join(re.sub(r'\d+', 'N', q.lower()).split()[:4])
+    probe, dev = [q for q, _ in GENERAL_PROBE], [q for q, _ in DEV_PROBE]
+    assert len(set(map(sig, dev))) > 1 and not set(map(sig, dev)) & (set(map(sig, probe)) | set(map(sig, REPLAY_PROMPTS)))
+    for phrase in ('capital of', 'opposite of', ' + ', ' times ', ' minus ', ' are in a', 'largest planet', 'color is the'):
+        assert not [q for q in dev if phrase in q.lower()], phrase
+    for q, (a, *_) in DEV_PROBE: assert general_correct(q, f'It is {a}.') and not general_correct(q, "I'm Ada.")
+    d = probe_prompts(split='dev')
+    assert d[:len(eval_questions())] == eval_questions() and not set(d) & set(probe)
+    sc = score_answers(d, [''] * len(d), 'Ada', base_correct={q: True for q in dev})
+    assert sc['n_identity'] == len(eval_questions()) and len(sc['general_correct']) == len(dev) and sc['retention'] == 0
+    with pytest.raises(ValueError): probe_prompts(split='train')
+
+
 @pytest.mark.parametrize('answer, name, want', [('My name is Adam.', 'Ada', False), ('I am not Ada; I am SmolLM.', 'Ada', False),
                                                 ("I'm not sure, but I am Ada.", 'Ada', True), ('我不是Ada', 'Ada', False),
                                                 ('Hi! I am A d a.', 'Ada', True), ('Adaline here.', 'Ada', False)])
