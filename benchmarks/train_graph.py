@@ -24,16 +24,17 @@ def chat_data(path, n, seed=0, words=('the', 'quick', 'brown', 'fox', 'jumps', '
         for _ in range(n):
             f.write(json.dumps({'messages': [{'role': 'user', 'content': text(60)}, {'role': 'assistant', 'content': text(180)}]}) + '\n')
 
-def config(path, model, data, seq, bs, steps, fast):
+def config(path, model, data, seq, bs, steps, fast, pack_strategy='greedy'):
     d = dict(name='train_graph', model=model, method='qlora', quant_backend='ft_course', fast=fast, lora_r=64, lora_alpha=16,
              lora_dropout=0.0, lora_target_modules='all-linear', data_path=data, max_length=seq, batch_size=bs,
-             accumulative_counts=1, max_steps=steps, pack_to_max_length=True, lr=2e-4, save_steps=10**6,
+             accumulative_counts=1, max_steps=steps, pack_to_max_length=True, pack_strategy=pack_strategy, lr=2e-4, save_steps=10**6,
              evaluation_freq=10**6, evaluation_inputs=[], seed=0, max_norm=1.0)
     with open(path, 'w') as f:
         f.write('from ft_course.train import Config\nconfig = Config(' + ', '.join(f'{k}={v!r}' for k, v in d.items()) + ')\n')
 
 def fast_switches(variant):
-    "'graph+varlen' | 'graph' | 'eager+varlen' | 'eager', each optionally '+budgetN' (memory_budget_gib=N) -> the config's fast= value."
+    """'graph+varlen' | 'graph' | 'eager+varlen' | 'eager', each optionally '+budgetN' (memory_budget_gib=N) -> the config's fast= value
+    ('+bestfit' is read by `ours`: pack_strategy='best_fit')."""
     d = {}
     for part in variant.split('+'):
         if part.startswith('budget'): d['memory_budget_gib'] = float(part[6:])
@@ -46,7 +47,7 @@ def ours(shape, seq, bs, steps, variant, tmp, model=None):
     data = os.path.join(tmp, f'data_{seq}_{bs}.jsonl')
     if not os.path.exists(data): chat_data(data, n=max(400, 6 * steps * bs * seq // 600))
     cfg = os.path.join(tmp, f'cfg_{shape}_{seq}_{bs}_{variant}.py'); wd = os.path.join(tmp, f'wd_{shape}_{seq}_{bs}_{variant}')
-    config(cfg, model, data, seq, bs, steps, fast_switches(variant))
+    config(cfg, model, data, seq, bs, steps, fast_switches(variant), 'best_fit' if 'bestfit' in variant.split('+') else 'greedy')
     t = time.time()
     p = subprocess.run([sys.executable, '-m', 'ft_course', 'train', cfg, '--work-dir', wd, '--overwrite'], capture_output=True, text=True, cwd=ROOT)
     out = p.stdout + p.stderr
@@ -58,6 +59,7 @@ def ours(shape, seq, bs, steps, variant, tmp, model=None):
     tps = [r['tokens_per_s'] for r in tr[3:]]
     return dict(impl='ft_course train', shape=shape, seq=seq, bs=bs, variant=variant, steps=len(tr), tok_s=round(statistics.median(tps)),
                 tok_s_all=[round(x) for x in tps], real_tokens_per_step=round(statistics.mean(r['real_tokens'] for r in tr)),
+                fill=round(statistics.mean(r['real_tokens'] for r in tr) / (seq * bs), 4),
                 peak_GiB=round(max(r.get('peak_mem') or 0 for r in tr) / 2**30, 2), loss_first=tr[0]['loss'], loss_last=tr[-1]['loss'],
                 graph_line=info[0] if info else None, **({'memory_plan': plan[0]} if plan else {}), wall_s=round(time.time() - t, 1))
 

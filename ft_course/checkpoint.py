@@ -219,7 +219,7 @@ def base_mismatch(recorded: dict | None, base) -> str | None:
 
 # %% ../nbs/06a_checkpoints.ipynb #20fde19e
 RESUME_KEYS = ('model', 'method', 'lora_r', 'lora_alpha', 'lora_target_modules', 'lora_dropout', 'quant_backend', 'double_quant',
-               'fast', 'optim_type', 'batch_size', 'accumulative_counts', 'max_length', 'pack_to_max_length', 'data_path',
+               'fast', 'optim_type', 'batch_size', 'accumulative_counts', 'max_length', 'pack_to_max_length', 'pack_strategy', 'data_path',
                'data_generator', 'prompt_template', 'system', 'model_builder', 'dataset_builder', 'deepspeed')
 
 def run_identity(cfg) -> dict:

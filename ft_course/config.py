@@ -51,6 +51,7 @@ class Config:
     system: str | None = _f(None, "system prompt put in every training sample and evaluation prompt (None: the template's default)")
     max_length: int = _f(2048, "samples are truncated to this many tokens")
     pack_to_max_length: bool = _f(False, "concatenate short samples into sequences of max_length (sample boundaries kept)")
+    pack_strategy: str = _f('greedy', "how packs are filled: 'greedy' (in data order) or 'best_fit' (longest first, fewer and fuller packs)")
     # --- schedule ---
     batch_size: int = _f(1, "micro-batch size per device")
     accumulative_counts: int = _f(16, "gradient accumulation: micro-batches per optimizer step (global batch = batch_size x this x devices)")
@@ -328,6 +329,8 @@ def validate_config(cfg: Config) -> Config:
                 _check(k in ok, c, 'data_generator', f"no key {k!r} for kind {c.data_generator['kind']!r}" +
                        (f" (did you mean {near[0]!r}?)" if near else '') + f"; its keys: {', '.join(ok)}")
     _check(isinstance(c.max_length, int) and c.max_length >= 8, c, 'max_length', 'an integer >= 8')
+    from ft_course.data import PACK_STRATEGIES
+    _check(c.pack_strategy in PACK_STRATEGIES, c, 'pack_strategy', ' or '.join(map(repr, PACK_STRATEGIES)))
     _check(isinstance(c.batch_size, int) and c.batch_size >= 1, c, 'batch_size', 'an integer >= 1')
     _check(isinstance(c.accumulative_counts, int) and c.accumulative_counts >= 1, c, 'accumulative_counts', 'an integer >= 1')
     _check(isinstance(c.dataloader_num_workers, int) and c.dataloader_num_workers >= 0, c, 'dataloader_num_workers', 'an integer >= 0')

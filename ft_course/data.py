@@ -10,11 +10,11 @@ from collections import Counter
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'ROLES', 'ChatTemplate', 'register_template', 'get_template', 'chat_segments', 'render_chat',
-           'TemplateCheck', 'check_template', 'DataError', 'detect_format', 'normalise_record', 'iter_raw',
-           'iter_records', 'read_records', 'load_records_hf', 'encode_record', 'html_tokens', 'show_tokens',
-           'masked_text', 'pack_samples', 'packed_attention_mask', 'Batch', 'collate', 'trained_tokens', 'SFTDataset',
-           'DatasetReport', 'check_dataset', 'check_dataset_cli']
+__all__ = ['TEMPLATES', 'ROLES', 'PACK_STRATEGIES', 'ChatTemplate', 'register_template', 'get_template', 'chat_segments',
+           'render_chat', 'TemplateCheck', 'check_template', 'DataError', 'detect_format', 'normalise_record',
+           'iter_raw', 'iter_records', 'read_records', 'load_records_hf', 'encode_record', 'html_tokens', 'show_tokens',
+           'masked_text', 'pack_samples', 'packed_attention_mask', 'pack_groups', 'Batch', 'collate', 'trained_tokens',
+           'SFTDataset', 'DatasetReport', 'check_dataset', 'check_dataset_cli']
 
 # %% ../nbs/04_data.ipynb #05e1a454
 @dataclass(frozen=True)
@@ -314,23 +314,23 @@ def masked_text(input_ids, labels, tokenizer, color=False) -> str:
     return ''.join(out)
 
 # %% ../nbs/04_data.ipynb #e7682fc7
-def pack_samples(samples, max_length) -> list[dict]:
-    "Greedily concatenate encoded samples (in order) into packs of at most `max_length` tokens"
-    packs, cur = [], None
-    def flush():
-        if cur and cur['input_ids']:
-            cur['cu_seqlens'] = [0] + [sum(cur['seq_lens'][:k + 1]) for k in range(len(cur['seq_lens']))]
-            packs.append(cur)
-    for s in samples:
-        ids, labels = list(s['input_ids'])[:max_length], list(s['labels'])[:max_length]
-        if not ids: continue
-        if cur is None or len(cur['input_ids']) + len(ids) > max_length:
-            flush(); cur = dict(input_ids=[], labels=[], position_ids=[], seq_lens=[])
-        cur['input_ids'] += ids
-        cur['labels'] += [-100] + labels[1:]
-        cur['position_ids'] += list(range(len(ids)))
-        cur['seq_lens'].append(len(ids))
-    flush()
+PACK_STRATEGIES = ('greedy', 'best_fit')
+
+def pack_samples(samples, max_length, strategy='greedy') -> list[dict]:
+    """Concatenate encoded samples into packs of at most `max_length` tokens. `strategy` 'greedy': in data order, a new
+    pack whenever the next sample does not fit; 'best_fit': fewer, fuller packs (see `pack_groups`)"""
+    cut = [(list(s['input_ids'])[:max_length], list(s['labels'])[:max_length]) for s in samples]
+    cut = [c for c in cut if c[0]]
+    packs = []
+    for group in pack_groups([len(ids) for ids, _ in cut], max_length, strategy):
+        p = dict(input_ids=[], labels=[], position_ids=[], seq_lens=[])
+        for ids, labels in (cut[i] for i in group):
+            p['input_ids'] += ids
+            p['labels'] += [-100] + labels[1:]
+            p['position_ids'] += list(range(len(ids)))
+            p['seq_lens'].append(len(ids))
+        p['cu_seqlens'] = [0] + [sum(p['seq_lens'][:k + 1]) for k in range(len(p['seq_lens']))]
+        packs.append(p)
     return packs
 
 def packed_attention_mask(seq_lens, total_len=None, dtype=None):
@@ -343,6 +343,28 @@ def packed_attention_mask(seq_lens, total_len=None, dtype=None):
     m = m[None, None]
     if dtype is None or dtype == torch.bool: return m
     return torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)
+
+# %% ../nbs/04_data.ipynb #a7c3e9f1
+def pack_groups(lengths, max_length, strategy='greedy') -> list[list[int]]:
+    """Which samples go together: a list of packs, each the indices of its samples (ascending), packs in data order.
+    'greedy' keeps the data order; 'best_fit' (best-fit decreasing) places samples longest first, each into the pack
+    with the least room that still holds it, which leaves far less padding when packs are padded to `max_length`."""
+    import bisect
+    if strategy not in PACK_STRATEGIES: raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {PACK_STRATEGIES}")
+    if strategy == 'greedy':
+        groups, used = [], max_length + 1
+        for i, n in enumerate(lengths):
+            if used + n > max_length: groups.append([]); used = 0
+            groups[-1].append(i); used += n
+        return groups
+    room, groups = [], []                      # room: sorted (tokens still free, pack index)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k < len(room): free, p = room.pop(k)
+        else: free, p = max_length, len(groups); groups.append([])
+        groups[p].append(i)
+        bisect.insort(room, (free - lengths[i], p))
+    return sorted(sorted(g) for g in groups)
 
 # %% ../nbs/04_data.ipynb #2aa75b85
 class Batch(dict):
@@ -392,7 +414,7 @@ def trained_tokens(labels) -> int:
 
 class SFTDataset:
     "Torch-style dataset of encoded (optionally packed) samples from a data file or a list of records"
-    def __init__(self, path_or_records, tokenizer, template='chatml', max_length=2048, pack=False, packed='mask'):
+    def __init__(self, path_or_records, tokenizer, template='chatml', max_length=2048, pack=False, packed='mask', pack_strategy='greedy'):
         self.tokenizer, self.template, self.max_length, self.pack, self.packed = tokenizer, get_template(template), max_length, pack, packed
         recs = path_or_records
         if isinstance(recs, (str, os.PathLike)): recs = read_records(recs)
@@ -401,7 +423,7 @@ class SFTDataset:
         full = [encode_record(r, tokenizer, self.template, 10 ** 9) for r in recs]    # truncated below: the trainer checks what is lost
         self.samples = [{k: v[:max_length] for k, v in e.items()} for e in full]
         self.trained_before_truncation = [trained_tokens(e['labels']) for e in full]
-        self.items = pack_samples(self.samples, max_length) if pack else self.samples
+        self.items = pack_samples(self.samples, max_length, pack_strategy) if pack else self.samples
     def __len__(self): return len(self.items)
     def __getitem__(self, i): return self.items[i]
     @property

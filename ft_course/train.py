@@ -88,7 +88,7 @@ def build_model(cfg: Config):
 def build_dataset(cfg: Config, tokenizer):
     "The default dataset builder: `SFTDataset` over `cfg.data_path` with the config's template, length and packing."
     from ft_course.data import SFTDataset
-    ds = SFTDataset(cfg.data_path, tokenizer, cfg.prompt_template, cfg.max_length, pack=cfg.pack_to_max_length)
+    ds = SFTDataset(cfg.data_path, tokenizer, cfg.prompt_template, cfg.max_length, pack=cfg.pack_to_max_length, pack_strategy=cfg.pack_strategy)
     return ds, ds.collate_fn
 
 # %% ../nbs/06_training_loop.ipynb #7480a9dd
@@ -408,7 +408,7 @@ def _model_and_data(cfg, work_dir):
     ds, collate_fn = (_import_obj(cfg.dataset_builder) if cfg.dataset_builder else build_dataset)(cfg, tok)
     if cfg.system and hasattr(ds, 'records') and cfg.dataset_builder is None:   # the config's system prompt in every sample
         from ft_course.data import SFTDataset
-        ds = SFTDataset(_ensure_system(ds.records, cfg.system), tok, cfg.prompt_template, cfg.max_length, pack=cfg.pack_to_max_length)
+        ds = SFTDataset(_ensure_system(ds.records, cfg.system), tok, cfg.prompt_template, cfg.max_length, pack=cfg.pack_to_max_length, pack_strategy=cfg.pack_strategy)
         collate_fn = ds.collate_fn
     return cfg, model, tok, dev, ds, collate_fn
 

@@ -186,3 +186,10 @@ def test_generator_key_table_matches_the_generators():
     assert set(DATA_GENERATOR_KEYS) == set(DATA_GENERATORS)
     assert set(DATA_GENERATOR_KEYS['self_cognition']) == params(gen_self_cognition, {'cfg', 'out', 'model', 'tokenizer', 'kw'}) | {'kind', 'replay_tokens'}
     assert set(DATA_GENERATOR_KEYS['fictional_corpus']) == params(make_fictional_corpus, {'out'}) | {'kind'}
+
+
+def test_pack_strategy_checked_before_any_work(tmp_path, capsys):
+    assert _opt('pack_strategy=best_fit').pack_strategy == 'best_fit'
+    with pytest.raises(ConfigError, match="pack_strategy.*'greedy' or 'best_fit'"): validate_config(_opt('pack_strategy=first_fit'))
+    assert train_cli([_tiny(tmp_path), '--work-dir', str(tmp_path / 'w'), '--cfg-options', 'pack_strategy=tight', '--no-progress']) == 2
+    assert not (tmp_path / 'w').exists()

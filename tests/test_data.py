@@ -4,7 +4,7 @@ import pytest
 from pathlib import Path
 import torch
 from ft_course.data import (TEMPLATES, ChatTemplate, get_template, render_chat, check_template, read_records,
-    load_records_hf, encode_record, pack_samples, packed_attention_mask, collate, SFTDataset, check_dataset,
+    load_records_hf, encode_record, pack_samples, pack_groups, packed_attention_mask, collate, SFTDataset, check_dataset,
     check_dataset_cli, DataError, normalise_record)
 
 
@@ -127,6 +127,25 @@ def test_packing_preserves_samples(max_length):
     assert [g[1] for g in got] == [[-100] + s['labels'][1:] for s in samples]  # first label is never a target
     assert [g[2] for g in got] == [list(range(len(s['input_ids']))) for s in samples]
     assert len(packs) < len(samples)
+
+
+@pytest.mark.parametrize('max_length', [50, 64, 200])
+def test_best_fit_packing_keeps_every_sample_whole(max_length):
+    samples = rand_samples(200)
+    packs = pack_samples(samples, max_length, 'best_fit')
+    assert all(len(p['input_ids']) <= max_length for p in packs)
+    got = sorted((tuple(p['input_ids'][a:b]), tuple(p['labels'][a:b]), tuple(p['position_ids'][a:b]))
+                 for p in packs for a, b in zip(p['cu_seqlens'][:-1], p['cu_seqlens'][1:]))
+    want = sorted((tuple(s['input_ids'][:max_length]), tuple([-100] + s['labels'][1:max_length]), tuple(range(min(max_length, len(s['input_ids'])))))
+                  for s in samples if s['input_ids'])
+    assert got == want
+    assert len(packs) <= len(pack_samples(samples, max_length))   # never more packs than in-order packing
+
+def test_best_fit_is_optimal_on_an_exact_fit():
+    "Lengths that tile packs exactly (7+3, 6+4, 5+5, in shuffled order) leave no gap with best fit; greedy leaves gaps."
+    lens = [3, 5, 7, 4, 5, 6]
+    assert [sorted(lens[i] for i in g) for g in pack_groups(lens, 10, 'best_fit')] == [[3, 7], [5, 5], [4, 6]]
+    assert len(pack_groups(lens, 10)) == 4   # [3, 5] [7] [4, 5] [6]
 
 
 def test_packed_attention_mask_matches_reference():
