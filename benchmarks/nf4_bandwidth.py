@@ -2,7 +2,8 @@
 against bitsandbytes' `dequantize_4bit` on the same weights, and a device copy of the same bytes (a practical ceiling):
 
     python benchmarks/nf4_bandwidth.py benchmarks/results/nf4_bandwidth.jsonl [--reps 50] [--configs all|default]
-    python benchmarks/nf4_bandwidth.py OUT.jsonl --smoke      # tiny shapes, CPU, Triton's interpreter (correctness only)
+    python benchmarks/nf4_bandwidth.py OUT.jsonl --smoke      # tiny shapes, CPU, Triton's interpreter (correctness only:
+                                                              # the first config of each kind, in fp32 and fp16)
 
 For each shape (4096x4096, 11008x4096) x double-quant (True, False) x config, the bf16 output is first checked bit for bit
 against `dequantize_nf4_torch` and bitsandbytes (when it imports); then timed two ways: 'cold' = median over `--reps`
@@ -13,13 +14,32 @@ import argparse, itertools, json, os, statistics, sys, time, datetime
 PEAK_GBS = 4800.0
 SHAPES = [(4096, 4096), (11008, 4096)]
 
+def label(kw):
+    "The sweep's name of a launch: 'u8-gather-NB128-w4', 's32-w32-select-NB16-w4-t4' (s32: store32, t4: tiles=4)."
+    return (f"{'s32-' if kw.get('store32') else ''}{'w32' if kw['words'] else 'u8'}-{kw['lut']}-NB{kw['NB']}-w{kw['num_warps']}"
+            + (f"-t{kw['tiles']}" if kw.get('tiles', 1) > 1 else ''))
+
+# (store32, words, lut, tiles): the (NB, num_warps) swept. Of the 2026-12-02 sweep only the words that were not clearly
+# slower (NB16) and a few byte variants around the best are kept; store32 and tiles are new.
+SWEEP = {(False, False, 'gather', 1): [(16, 4), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)],
+         (False, False, 'select', 1): [(16, 4), (64, 4), (128, 4)],
+         (False, True, 'gather', 1): [(16, 2), (16, 4)], (False, True, 'select', 1): [(16, 2)],
+         (True, False, 'gather', 1): [(16, 4), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8), (512, 8)],
+         (True, False, 'select', 1): [(32, 4), (64, 4), (128, 4), (128, 8), (256, 8)],
+         (True, True, 'gather', 1): [(16, 2), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8)],
+         (True, True, 'select', 1): [(16, 4), (64, 4)],
+         (False, False, 'gather', 4): [(64, 4), (128, 4)],
+         (True, False, 'gather', 2): [(64, 4), (128, 4), (128, 8)],
+         (True, False, 'gather', 4): [(32, 4), (64, 4), (64, 8)], (True, False, 'gather', 8): [(32, 4)],
+         (True, True, 'gather', 4): [(16, 4), (32, 4)]}
+
 def configs(which):
-    "The sweep: (label, kwargs of dequantize_nf4_triton)."
-    if which == 'default': return [('default', {})]
+    "The sweep: (label, kwargs of dequantize_nf4_triton); 'smoke': the default and the first of each kind of SWEEP."
     cs = [('default', {})]
-    for words, lut in itertools.product((True, False), ('gather', 'select')):
-        for NB, nw in [(16, 2), (16, 4), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]:
-            cs.append((f"{'w32' if words else 'u8'}-{lut}-NB{NB}-w{nw}", dict(words=words, lut=lut, NB=NB, num_warps=nw)))
+    if which == 'default': return cs
+    for (s32, words, lut, tiles), nbw in SWEEP.items():
+        kws = [dict(words=words, lut=lut, NB=NB, num_warps=nw, store32=s32, tiles=tiles) for NB, nw in nbw]
+        cs += [(label(kw), kw) for kw in (kws[:1] if which == 'smoke' else kws)]
     return cs
 
 def time_cold(fn, reps, flush):
@@ -70,8 +90,7 @@ def main(argv=None):
     dev = 'cpu' if a.smoke else 'cuda'
     if not a.smoke and not torch.cuda.is_available(): raise SystemExit('no CUDA device: use --smoke for the CPU check')
     shapes = [(9, 72), (16, 256)] if a.smoke else SHAPES
-    cfgs = configs(a.configs)
-    if a.smoke: cfgs = cfgs[:1] + [c for c in cfgs if 'NB16-w4' in c[0]]
+    cfgs = configs('smoke' if a.smoke else a.configs)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 gpu=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (interpreter)', torch=torch.__version__,
                 triton=triton.__version__, bitsandbytes=getattr(sys.modules.get('bitsandbytes'), '__version__', None),
@@ -88,27 +107,28 @@ def main(argv=None):
         w = NF4Weight.quantize((torch.randn(shp, device=dev) * 0.02).to(torch.bfloat16), double_quant=dq)
         out = torch.full(shp, float('nan'), dtype=torch.bfloat16, device=dev)
         nbytes = w.nbytes() + out.numel() * out.element_size()
-        odt = torch.float32 if a.smoke else torch.bfloat16      # the interpreter truncates fp32 -> bf16: compare fp32 there
-        ref = dequantize_nf4_torch(w, odt)
-        bnb = None
-        if bnbF is not None:
-            st, p2 = w.to_bnb_state(odt), w.packed.reshape(-1, 1)     # built once: its offset tensor is a host->device copy
-            bnb = lambda: bnbF.dequantize_4bit(p2, st).reshape(shp)
-            if not torch.equal(bnb(), ref): raise SystemExit(f'bitsandbytes differs from dequantize_nf4_torch at {shp} nested={dq}')
         base = dict(shape=list(shp), nested=dq, bytes=nbytes)
         if dev == 'cuda':
             src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=dev); dst = torch.empty_like(src)   # 2x bytes/2 = nbytes moved
-            for name, fn in [('copy (same bytes)', lambda: dst.copy_(src))] + ([('bitsandbytes', bnb)] if bnb else []):
-                emit({**base, 'impl': name, 'config': '-', 'equal': True, **timed(fn, a.reps, flush, nbytes)})
-        for label, kw in cfgs:
-            o = torch.full(shp, float('nan'), dtype=odt, device=dev)
-            fn = lambda: dequantize_nf4_triton(w, odt, out=o, **kw)
-            r = {**base, 'impl': 'ft_course triton', 'config': label, 'kwargs': kw}
-            try: r['equal'] = torch.equal(fn(), ref)
-            except Exception as e: r.update(equal=False, error=f'{type(e).__name__}: {e}'[:300])
-            if not r['equal']: print(f"NOT EQUAL: {shp} nested={dq} {label} {r.get('error', '')}", flush=True)
-            elif dev == 'cuda': r.update(timed(fn, a.reps, flush, nbytes))
-            emit(r)
+            emit({**base, 'impl': 'copy (same bytes)', 'config': '-', 'equal': True, **timed(lambda: dst.copy_(src), a.reps, flush, nbytes)})
+        # the interpreter truncates fp32 -> bf16 (the GPU rounds): compare fp32 and fp16 there (fp16 runs the store32 path)
+        for odt in ((torch.float32, torch.float16) if a.smoke else (torch.bfloat16,)):
+            ref = dequantize_nf4_torch(w, odt)
+            base['dtype'] = str(odt).split('.')[-1]
+            if bnbF is not None:
+                st, p2 = w.to_bnb_state(odt), w.packed.reshape(-1, 1)     # built once: its offset tensor is a host->device copy
+                bnb = lambda: bnbF.dequantize_4bit(p2, st).reshape(shp)
+                if not torch.equal(bnb(), ref): raise SystemExit(f'bitsandbytes differs from dequantize_nf4_torch at {shp} nested={dq} {odt}')
+                if dev == 'cuda': emit({**base, 'impl': 'bitsandbytes', 'config': '-', 'equal': True, **timed(bnb, a.reps, flush, nbytes)})
+            for name, kw in cfgs:
+                o = torch.full(shp, float('nan'), dtype=odt, device=dev)
+                fn = lambda: dequantize_nf4_triton(w, odt, out=o, **kw)
+                r = {**base, 'impl': 'ft_course triton', 'config': name, 'kwargs': kw}
+                try: r['equal'] = torch.equal(fn(), ref)
+                except Exception as e: r.update(equal=False, error=f'{type(e).__name__}: {e}'[:300])
+                if not r['equal']: print(f"NOT EQUAL: {shp} nested={dq} {odt} {name} {r.get('error', '')}", flush=True)
+                elif dev == 'cuda': r.update(timed(fn, a.reps, flush, nbytes))
+                emit(r)
     f.close()
     bad = [r for r in rows if not r['equal']]
     print(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  bitsandbytes {meta['bitsandbytes']}  ({time.time() - t0:.0f} s)")

@@ -130,46 +130,64 @@ _KERNELS = None
 
 # %% ../nbs/16_fast_qlora.ipynb #4c1a0d42
 def _nf4_kernels(triton, tl):
-    "The NF4 dequantization kernel: NB blocks of 64 values per program; packed bytes read as int32 words or bytes; table gathered or in registers."
+    "The NF4 dequantization kernel: NB blocks of 64 values per program (TILES tiles of them); bytes or int32 words; table gathered or in registers; 2- or 4-byte stores."
     @triton.jit
-    def nf4_dequant_kernel(packed, absf, absq, code2, absmax2, offset, nf4, out, n, nwords,
-                           NESTED: tl.constexpr, NB: tl.constexpr, WORDS: tl.constexpr, LUT: tl.constexpr, I64: tl.constexpr):
-        # one program: NB quantization blocks of 64 values (NB*32 packed bytes), their absmax decoded once per block
+    def nf4_dequant_kernel(packed, absf, absq, code2, absmax2, offset, nf4, out, n, nwords, NESTED: tl.constexpr, NB: tl.constexpr,
+                           WORDS: tl.constexpr, LUT: tl.constexpr, I64: tl.constexpr, STORE32: tl.constexpr, TILES: tl.constexpr):
+        # one program: TILES tiles (grid-strided) of NB quantization blocks of 64 values (NB*32 packed bytes) each
         pid = tl.program_id(0)
         if I64: pid = pid.to(tl.int64)                     # int32 offsets unless n >= 2**31
-        blk = pid * NB + tl.arange(0, NB)
-        bm = blk * 64 < n
-        if NESTED:
-            q2 = tl.load(absq + blk, mask=bm, other=0).to(tl.int32)
-            a = tl.load(code2 + q2) * tl.load(absmax2 + blk // 256, mask=bm, other=0.0)
-            a = a + offset
-        else:
-            a = tl.load(absf + blk, mask=bm, other=0.0)
-        if WORDS:   # int32 words, 8 codes each: an NB x 8 x 8 tile, value k of a word = byte k//2, high nibble first
-            k = tl.arange(0, 8)
-            wi = blk[:, None] * 8 + k[None, :]
-            wv = tl.load(packed + wi, mask=wi < nwords, other=0)
-            q = (wv[:, :, None] >> (((k >> 1) << 3) + ((1 - (k & 1)) << 2))[None, None, :]) & 15
-            o = wi[:, :, None] * 8 + k[None, None, :]
-            a = a[:, None, None]
-        else:       # bytes: an NB x 32 tile, the two nibbles joined side by side into NB x 64
-            byte = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-            b = tl.load(packed + byte, mask=byte * 2 < n, other=0).to(tl.int32)
-            q = tl.reshape(tl.join(b >> 4, b & 15), (NB, 64))
-            o = blk[:, None] * 64 + tl.arange(0, 64)[None, :]
-            a = a[:, None]
-        if LUT == 0:  # the 16 values gathered from a 64-byte table (stays in L1)
-            v = tl.load(nf4 + q)
-        else:         # a select tree on the 4 bits: the table lives in registers as constants (exact fp32 values)
-            b0 = (q & 1) != 0; b1 = (q & 2) != 0; b2 = (q & 4) != 0
-            v0 = tl.where(b0, -0.6961928009986877, -1.0); v1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-            v2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635); v3 = tl.where(b0, 0.0, -0.09105003625154495)
-            v4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534); v5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-            v6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434); v7 = tl.where(b0, 1.0, 0.7229568362236023)
-            v0 = tl.where(b1, v1, v0); v2 = tl.where(b1, v3, v2); v4 = tl.where(b1, v5, v4); v6 = tl.where(b1, v7, v6)
-            v0 = tl.where(b2, v2, v0); v4 = tl.where(b2, v6, v4)
-            v = tl.where((q & 8) != 0, v4, v0).to(tl.float32)
-        tl.store(out + o, (v * a).to(out.dtype.element_ty), mask=o < n)
+        for t in tl.static_range(TILES):
+            blk = (pid + t * tl.num_programs(0)) * NB + tl.arange(0, NB)
+            bm = blk * 64 < n
+            if NESTED:                                     # each block's absmax, decoded once
+                q2 = tl.load(absq + blk, mask=bm, other=0).to(tl.int32)
+                a = tl.load(code2 + q2) * tl.load(absmax2 + blk // 256, mask=bm, other=0.0)
+                a = a + offset
+            else:
+                a = tl.load(absf + blk, mask=bm, other=0.0)
+            if WORDS:   # int32 words, 8 codes each: an NB x 8 x 8 tile, value k of a word = byte k//2, high nibble first
+                k = tl.arange(0, 8)
+                wi = blk[:, None] * 8 + k[None, :]
+                wv = tl.load(packed + wi, mask=wi < nwords, other=0)
+                if STORE32:  # its 4 bytes: an NB x 8 x 4 (x 2 nibbles) tile, o = the byte's index
+                    j = tl.arange(0, 4)
+                    b = (wv[:, :, None] >> (j * 8)[None, None, :]) & 255
+                    q = tl.join(b >> 4, b & 15)
+                    o = wi[:, :, None] * 4 + j[None, None, :]
+                    a = a[:, None, None, None]
+                else:
+                    q = (wv[:, :, None] >> (((k >> 1) << 3) + ((1 - (k & 1)) << 2))[None, None, :]) & 15
+                    o = wi[:, :, None] * 8 + k[None, None, :]
+                    a = a[:, None, None]
+            else:       # bytes: an NB x 32 tile, the two nibbles joined side by side (NB x 64, or NB x 32 x 2 for STORE32)
+                byte = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+                b = tl.load(packed + byte, mask=byte < nwords, other=0).to(tl.int32)   # nwords: the count of bytes here
+                q = tl.join(b >> 4, b & 15)
+                if STORE32:
+                    o = byte
+                    a = a[:, None, None]
+                else:
+                    q = tl.reshape(q, (NB, 64))
+                    o = blk[:, None] * 64 + tl.arange(0, 64)[None, :]
+                    a = a[:, None]
+            if LUT == 0:  # the 16 values gathered from a 64-byte table (stays in L1)
+                v = tl.load(nf4 + q)
+            else:         # a select tree on the 4 bits: the table lives in registers as constants (exact fp32 values)
+                b0 = (q & 1) != 0; b1 = (q & 2) != 0; b2 = (q & 4) != 0
+                v0 = tl.where(b0, -0.6961928009986877, -1.0); v1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+                v2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635); v3 = tl.where(b0, 0.0, -0.09105003625154495)
+                v4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534); v5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+                v6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434); v7 = tl.where(b0, 1.0, 0.7229568362236023)
+                v0 = tl.where(b1, v1, v0); v2 = tl.where(b1, v3, v2); v4 = tl.where(b1, v5, v4); v6 = tl.where(b1, v7, v6)
+                v0 = tl.where(b2, v2, v0); v4 = tl.where(b2, v6, v4)
+                v = tl.where((q & 8) != 0, v4, v0).to(tl.float32)
+            r = (v * a).to(out.dtype.element_ty)
+            if STORE32:  # one int32 per byte: its two 16-bit results, the high nibble's (first in memory) in the low half
+                hi, lo = tl.split(r.to(tl.uint16, bitcast=True).to(tl.int32))
+                tl.store(out.to(tl.pointer_type(tl.int32)) + o, hi | (lo << 16), mask=o < (nwords * 4 if WORDS else nwords))
+            else:
+                tl.store(out + o, r, mask=o < n)
     return {k: v for k, v in locals().items() if k.endswith('_kernel')}
 
 # %% ../nbs/16_fast_qlora.ipynb #acf7b570
@@ -287,32 +305,36 @@ def _kernels():
 
 # %% ../nbs/16_fast_qlora.ipynb #63c4d309
 # the fastest launch of benchmarks/nf4_bandwidth.py's sweep on an H200: bytes, gathered table, 128 blocks, 4 warps
-NF4_TRITON_DEFAULTS = dict(NB=128, num_warps=4, words=False, lut='gather')
+NF4_TRITON_DEFAULTS = dict(NB=128, num_warps=4, words=False, lut='gather', store32=False, tiles=1)
 
-def dequantize_nf4_triton(w: NF4Weight, dtype=None, out=None, NB: int = None, num_warps: int = None,
-                          words: bool = None, lut: str = None, num_stages: int = None):
+def dequantize_nf4_triton(w: NF4Weight, dtype=None, out=None, NB: int = None, num_warps: int = None, words: bool = None,
+                          lut: str = None, num_stages: int = None, store32: bool = None, tiles: int = None):
     """NF4 -> bf16/fp16/fp32 in one Triton pass; bit-exact with bitsandbytes (no fused multiply-add in the scale).
     Variants (`None`: `NF4_TRITON_DEFAULTS`): `NB` blocks of 64 per program, `words` (read the packed bytes as int32,
-    falls back to bytes where their count is not a multiple of 4), `lut` 'gather' | 'select', `num_warps`, `num_stages`."""
+    falls back to bytes where their count is not a multiple of 4), `lut` 'gather' | 'select', `num_warps`, `num_stages`,
+    `store32` (bf16/fp16: store both values of a byte as one int32; falls back for fp32, an odd numel or an unaligned
+    `out`), `tiles` (NB-block tiles per program, grid-strided)."""
     import torch
-    d = {k: v if v is not None else NF4_TRITON_DEFAULTS[k] for k, v in dict(NB=NB, num_warps=num_warps, words=words, lut=lut).items()}
+    d = {k: v if v is not None else NF4_TRITON_DEFAULTS[k]
+         for k, v in dict(NB=NB, num_warps=num_warps, words=words, lut=lut, store32=store32, tiles=tiles).items()}
     if d['lut'] not in ('gather', 'select'): raise ValueError(f"lut must be 'gather' or 'select', got {d['lut']!r}")
-    if d['NB'] < 1 or d['NB'] & (d['NB'] - 1): raise ValueError(f'NB must be a power of two, got {d["NB"]!r}')
+    for k in ('NB', 'tiles'):
+        if d[k] < 1 or d[k] & (d[k] - 1): raise ValueError(f'{k} must be a power of two, got {d[k]!r}')
     if w.blocksize != 64: raise ValueError(f'the Triton kernel needs blocksize 64, got {w.blocksize}')
     K = _kernels()
     dtype = dtype or torch.bfloat16
     if out is None: out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    n = w.numel
-    p = w.packed
+    n, p, T = w.numel, w.packed, d['tiles']
     use_words = bool(d['words']) and p.numel() % 4 == 0 and p.storage_offset() % 4 == 0
     if use_words: p = p.view(torch.int32)
+    s32 = bool(d['store32']) and out.element_size() == 2 and n % 2 == 0 and out.data_ptr() % 4 == 0
     dummy = w.packed
-    grid = (triton_cdiv(n, 64 * d['NB']),)
+    grid = (triton_cdiv(n, 64 * d['NB'] * T),)
     kw = dict(num_stages=num_stages) if num_stages is not None else {}
     K.nf4_dequant_kernel[grid](p, w.absmax if w.absmax is not None else dummy,
         w.absmax_q if w.nested else dummy, w.code2 if w.nested else dummy, w.absmax2 if w.nested else dummy,
-        w.offset, w.nf4_table(), out, n, p.numel(), NESTED=w.nested, NB=d['NB'], WORDS=use_words,
-        LUT=int(d['lut'] == 'select'), I64=n + 64 * d['NB'] >= 2**31, num_warps=d['num_warps'], enable_fp_fusion=False, **kw)
+        w.offset, w.nf4_table(), out, n, p.numel(), NESTED=w.nested, NB=d['NB'], WORDS=use_words, LUT=int(d['lut'] == 'select'),
+        I64=n + 64 * d['NB'] * T >= 2**31, STORE32=s32, TILES=T, num_warps=d['num_warps'], enable_fp_fusion=False, **kw)
     return out
 
 def triton_cdiv(a, b): return (a + b - 1) // b
@@ -327,6 +349,8 @@ for dq in (True, False):
         for lut in ('gather', 'select'):
             got = F.dequantize_nf4_triton(w, torch.float32, words=words, lut=lut)
             assert torch.equal(got, F.dequantize_nf4_torch(w, torch.float32)), ('nf4', words, lut)
+            got = F.dequantize_nf4_triton(w, torch.float16, words=words, lut=lut, store32=True, tiles=2)   # fp16 rounds as on a GPU
+            assert torch.equal(got, F.dequantize_nf4_torch(w, torch.float16)), ('nf4 store32', words, lut)
 x = torch.randn(6, 96); w = torch.rand(96) + 0.5
 assert torch.allclose(F.rms_norm(x, w, 1e-6), F.rms_norm_ref(x, w, 1e-6), atol=1e-5), 'rmsnorm'
 gu = torch.randn(4, 160); assert torch.allclose(F.swiglu(gu.clone()), F.swiglu_ref(gu), atol=1e-6), 'swiglu'

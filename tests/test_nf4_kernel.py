@@ -1,5 +1,5 @@
 """The NF4 dequantization kernel's variants (`dequantize_nf4_triton`: int32 words or bytes, table gather or select tree,
-blocks per program, int64 offsets) against `dequantize_nf4_torch`, bit for bit: in Triton's CPU interpreter (a fresh
+blocks per program, int64 offsets, int32 stores of two 16-bit values, several tiles per program) against `dequantize_nf4_torch`, bit for bit: in Triton's CPU interpreter (a fresh
 process, TRITON_INTERPRET=1 set before Triton is imported; skipped without Triton) and on CUDA where there is one.
 The argument checks and the launch decisions (words fallback, int64 threshold) need no Triton."""
 import importlib.util, itertools, math, os, subprocess, sys
@@ -15,12 +15,14 @@ cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason
 # (shape, why): numels that are and are not multiples of 64 * NB, of 64 (partial last block), of 8 (whole int32 words)
 SHAPES = [((64, 320), '320 blocks: two absmax2 groups of 256'), ((3, 1000), 'partial last block, 375 words'),
           ((9, 70), '315 bytes: words fall back'), ((5, 192), '15 whole blocks'), ((2, 33), '2 blocks, 33 bytes')]
+S32_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[4], ((3, 333), '999 values: odd, store32 falls back')]
 LUTS = ('gather', 'select')
 
 def weights():
     "The weights of the interpreter cases, nested and plain, one per (shape, nested)."
     torch.manual_seed(0)
-    return {(s, dq): NF4Weight.quantize(torch.randn(s) * 0.03, double_quant=dq) for (s, _), dq in itertools.product(SHAPES, (True, False))}
+    return {(s, dq): NF4Weight.quantize(torch.randn(s) * 0.03, double_quant=dq)
+            for (s, _), dq in itertools.product(SHAPES + S32_SHAPES[-1:], (True, False))}
 
 def cases():
     "(id, (shape, nested), dtype name, kwargs of dequantize_nf4_triton, extra) for the interpreter."
@@ -35,6 +37,17 @@ def cases():
     for s, words, lut in itertools.product([(3, 1000), (64, 320)], (True, False), LUTS):   # the int64-offset path, forced
         cs.append((f"{s[0]}x{s[1]}-dq-{'w32' if words else 'u8'}-{lut}-NB32-i64", (s, True), 'float32',
                    dict(words=words, lut=lut, NB=32), dict(i64=True)))
+    # store32 (2-byte outputs only) and tiles: bf16 and fp16 into NaN-filled outputs (an element not written stays NaN);
+    # 3x333 (999 values: odd) and an output 2 bytes off a 4-byte boundary fall back to 2-byte stores
+    for (s, _), dq, dt in itertools.product(S32_SHAPES, (True, False), ('bfloat16', 'float16')):
+        small = math.prod(s) < 5000
+        for words, lut, NB, tiles in [(False, 'gather', 8, 1), (False, 'select', 1 if small else 128, 1), (True, 'gather', 8, 1),
+                                      (True, 'select', 128, 1), (False, 'gather', 4, 4), (True, 'select', 2, 2)]:
+            cs.append((f"{s[0]}x{s[1]}-{'dq' if dq else 'plain'}-s32-{'w32' if words else 'u8'}-{lut}-NB{NB}-t{tiles}-{dt}", (s, dq), dt,
+                       dict(words=words, lut=lut, NB=NB, store32=True, tiles=tiles), dict(nan_out=True)))
+    for dt, tiles in itertools.product(('bfloat16', 'float16', 'float32'), (1, 2)):
+        cs.append((f'3x1000-dq-s32-t{tiles}-{dt}-unaligned-out', ((3, 1000), True), dt, dict(NB=4, store32=True, tiles=tiles), dict(unaligned=True)))
+    cs.append(('64x320-plain-u8-NB32-t4-bf16', ((64, 320), False), 'bfloat16', dict(NB=32, tiles=4), dict(nan_out=True)))
     cs.append(('3x1000-dq-defaults-nan-out', ((3, 1000), True), 'float32', {}, dict(nan_out=True)))
     cs.append(('3x1000-plain-warps8-stages2', ((3, 1000), False), 'float32', dict(num_warps=8, num_stages=2), {}))
     return cs
@@ -55,6 +68,9 @@ for i, dt, kw, extra in cases:
     if extra.get('nan_out'):
         o = torch.full(w.shape, float('nan'), dtype=dtype)
         r = F.dequantize_nf4_triton(w, dtype, out=o, **kw); assert r is o
+    elif extra.get('unaligned'):   # 2 bytes past a 16-byte boundary
+        o = torch.full((w.numel + 8,), float('nan'), dtype=dtype)[1:1 + w.numel].view(w.shape)
+        r = F.dequantize_nf4_triton(w, dtype, out=o, **kw); assert r is o and o.data_ptr() % 4 == 2 or dtype == torch.float32
     else: r = F.dequantize_nf4_triton(w, dtype, **kw)
     outs.append(r)
 torch.save(outs, sys.argv[2])
@@ -87,8 +103,10 @@ def test_variant_matches_torch_in_interpreter(interpreted, cid):
     w, dt, got = interpreted[cid]
     ref = dequantize_nf4_torch(w, torch.float32)
     if dt == 'bfloat16': ref = trunc_bf16(ref)
+    if dt == 'float16': ref = dequantize_nf4_torch(w, torch.float16)       # the interpreter rounds fp32 -> fp16 to nearest, as torch
     assert got.dtype == ref.dtype and got.shape == ref.shape
-    assert torch.equal(got.view(torch.int16 if dt == 'bfloat16' else torch.int32), ref.view(torch.int16 if dt == 'bfloat16' else torch.int32)), \
+    bits = torch.int32 if dt == 'float32' else torch.int16
+    assert torch.equal(got.contiguous().view(bits), ref.view(bits)), \
         f'{cid}: {(got.float() != ref.float()).sum().item()} of {ref.numel()} values differ'
 
 def test_cases_cover_the_edges():
@@ -98,6 +116,8 @@ def test_cases_cover_the_edges():
     assert ws[((3, 1000), True)].packed.numel() % 4 == 0 and 3000 % 64 != 0      # words used, partial last block
     assert ws[((64, 320), True)].absmax2.numel() == 2                            # two groups of 256 blocks
     assert any(math.prod(s) % (64 * 128) for s, _ in SHAPES) and any(math.prod(s) % 64 == 0 for s, _ in SHAPES)
+    assert [math.prod(s) % 2 for s, _ in S32_SHAPES] == [0, 0, 0, 0, 1]               # store32 used, except on the last
+    assert {c[3].get('tiles', 1) for c in CASES} >= {1, 2, 4} and {c[2] for c in CASES if c[3].get('store32')} == {'bfloat16', 'float16', 'float32'}
 
 class Launch:
     "Stands in for the compiled kernel: records the grid and the launch arguments, runs nothing."
@@ -138,8 +158,23 @@ def test_defaults_and_words_fallback(launches):
     dequantize_nf4_triton(w, torch.float32, out=out, words=True)
     assert launches[-1][2]['WORDS'] is False
 
+def test_store32_and_tiles_launch(launches):
+    "store32 only for a 2-byte output of an even numel at a 4-byte aligned address; tiles shrink the grid and count for int64."
+    for dt, n, off, s32 in [(torch.bfloat16, 4096, 0, True), (torch.float16, 4096, 0, True), (torch.float32, 4096, 0, False),
+                            (torch.bfloat16, 4095, 0, False), (torch.bfloat16, 4096, 1, False), (torch.float16, 4096, 2, True)]:
+        out = torch.empty(n + 2, dtype=dt)[off:off + n]
+        dequantize_nf4_triton(fake(n), dt, out=out, store32=True)
+        assert launches[-1][2]['STORE32'] is s32 and launches[-1][2]['TILES'] == 1, (dt, n, off)
+    dequantize_nf4_triton(fake(4096), torch.bfloat16, out=torch.empty(4096, dtype=torch.bfloat16))
+    assert launches[-1][2]['STORE32'] is NF4_TRITON_DEFAULTS['store32'] is False
+    for NB, T, n, i64 in [(64, 4, 10**6, False), (128, 2, 2**31 - 64 * 256, True), (128, 2, 2**31 - 64 * 256 - 1, False)]:
+        dequantize_nf4_triton(fake(n), torch.float32, out=torch.empty(1), NB=NB, tiles=T)
+        grid, _, kw = launches[-1]
+        assert grid == (-(-n // (64 * NB * T)),) and kw['TILES'] == T and kw['I64'] is i64, (NB, T, n)
+
 @pytest.mark.parametrize('bad, msg', [(dict(NB=3), 'power of two'), (dict(NB=96), 'power of two'), (dict(NB=0), 'power of two'),
-                                      (dict(NB=-4), 'power of two'), (dict(lut='foo'), "lut must be 'gather' or 'select'")])
+                                      (dict(NB=-4), 'power of two'), (dict(lut='foo'), "lut must be 'gather' or 'select'"),
+                                      (dict(tiles=3), 'tiles must be a power of two'), (dict(tiles=0), 'tiles must be a power of two')])
 def test_bad_arguments_raise(launches, bad, msg):
     with pytest.raises(ValueError, match=msg): dequantize_nf4_triton(fake(4096), torch.float32, out=torch.empty(1), **bad)
     assert launches == []
@@ -161,3 +196,17 @@ def test_cuda_variants_bit_exact():
                 o = torch.full(shp, float('nan'), dtype=dt, device='cuda')
                 got = dequantize_nf4_triton(w, dt, out=o, NB=NB, num_warps=nw, words=words, lut=lut)
                 assert torch.equal(got, ref), (shp, dq, dt, words, lut, NB, nw)
+
+@cuda
+def test_cuda_store32_and_tiles_bit_exact():
+    "store32 and tiles on the GPU, bf16 and fp16 (fp32 and the odd 3x333 fall back), against dequantize_nf4_torch."
+    torch.manual_seed(0)
+    for shp, dq in itertools.product([(1000, 333), (64, 320), (9, 70), (3, 333), (4096, 4096)], (True, False)):
+        w = NF4Weight.quantize((torch.randn(shp, device='cuda') * 0.02).to(torch.bfloat16), double_quant=dq)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            ref = dequantize_nf4_torch(w, dt)
+            for s32, words, lut, (NB, nw, T) in itertools.product((True, False), (True, False), LUTS,
+                                                                   [(1, 1, 1), (16, 2, 4), (64, 4, 1), (128, 4, 2), (512, 8, 1)]):
+                o = torch.full(shp, float('nan'), dtype=dt, device='cuda')
+                got = dequantize_nf4_triton(w, dt, out=o, NB=NB, num_warps=nw, words=words, lut=lut, store32=s32, tiles=T)
+                assert torch.equal(got, ref), (shp, dq, dt, s32, words, lut, NB, nw, T)
