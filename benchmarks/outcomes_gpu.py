@@ -48,6 +48,13 @@ LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES 
     'lap-min2-lr3': lambda: _variant(base='laptop', min_objects=2, lr=3e-3),
     'lap-min2-r64': lambda: _variant(base='laptop', min_objects=2, lora_r=64, lora_alpha=128),
     'lap-min2-px128': lambda: _variant(dict(image_size=128), base='laptop', image_size=128, min_objects=2),
+    # a third sweep (2026-12-03): more left/right questions per conversation at the same 2,240 conversations: the scene's pair
+    # asked both ways ('both': the answers flip) or every ordered pair ('all'), with more turns so the other types stay
+    'lap-lrboth': lambda: _variant(base='laptop', left_right='both', max_turns=5),
+    'lap-lrall': lambda: _variant(base='laptop', left_right='all', max_turns=8),
+    'lap-lrboth-min2': lambda: _variant(base='laptop', left_right='both', max_turns=5, min_objects=2),
+    'lap-lrall-min2': lambda: _variant(base='laptop', left_right='all', max_turns=8, min_objects=2),
+    'smoke-llava-lrall': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3, left_right='all', max_turns=8),
     'smoke-llava-min2': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3, min_objects=2),
     'smoke-llava': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3),
 }

@@ -390,7 +390,8 @@ def llava_generate(model: LlavaModel, tokenizer, image=None, messages=None, max_
 # %% ../nbs/13_llava_model.ipynb #6e54fe33
 LLAVA_DEFAULTS = dict(stage='pretrain', vision_tower='effnet-lite0-ms', image_size=224, n_images=2000, seed=0,
                       repeats=200, photos=['coffee'], max_turns=4, pretrained_pth=None, text_only=True,
-                      min_objects=1)   # scenes of min_objects..3 objects (2: a left/right question in most conversations)
+                      min_objects=1,   # scenes of min_objects..3 objects (2: a left/right question in most conversations)
+                      left_right='one')  # stage 2: 'one' left/right question a scene, 'both' (that pair asked both ways), 'all' ordered pairs
 
 def llava_settings(cfg) -> dict:
     "The LLaVA settings of a trainer config (its `data_generator` dict) with defaults filled in; unknown keys are an error."
@@ -402,6 +403,8 @@ def llava_settings(cfg) -> dict:
     s = {**LLAVA_DEFAULTS, **g}
     if s['stage'] not in ('pretrain', 'finetune'): raise ValueError(f"{src}: data_generator['stage'] = {s['stage']!r}: expected 'pretrain' or 'finetune'")
     if s['min_objects'] not in (1, 2, 3): raise ValueError(f"{src}: data_generator['min_objects'] = {s['min_objects']!r}: expected 1, 2 or 3")
+    if s['left_right'] not in ('one', 'both', 'all'):
+        raise ValueError(f"{src}: data_generator['left_right'] = {s['left_right']!r}: expected 'one', 'both' or 'all'")
     return s
 
 def load_trainable(model: nn.Module, path, only_prefix: str | None = None) -> int:

@@ -14,7 +14,8 @@ from .shapes import (COLOURS, SHAPES, BACKGROUNDS, SIZES, QUESTION_TYPES, Shape,
 __all__ = ['REAL_PHOTOS', 'TEXT_ONLY', 'FEATURES_VERSION', 'PRETRAIN_CFG', 'FINETUNE_CFG', 'HELDOUT_SEED', 'VISION_TOWER',
            'RECIPES', 'real_photo', 'repeated_conversations', 'text_only_conversations', 'image_features',
            'LlavaDataset', 'is_correct', 'answer_questions', 'vqa_accuracy', 'object_tokens', 'linear_probe',
-           'caption_score', 'describe', 'build_dataset', 'llava_run_dir', 'train_llava', 'recipe', 'run_recipe']
+           'caption_score', 'describe', 'left_right_mix', 'build_dataset', 'llava_run_dir', 'train_llava', 'recipe',
+           'run_recipe']
 
 # %% ../nbs/14_llava_pretrain.ipynb #b2939bee
 def _skimage(name):
@@ -201,6 +202,29 @@ def describe(model, tokenizer, features, prompt: str = 'Describe the image brief
     "The model's caption for each image (features from `image_features`)."
     return answer_questions(model, tokenizer, features, [prompt] * len(features), max_new_tokens=max_new_tokens, **kw)
 
+# %% ../nbs/14_llava_pretrain.ipynb #a1f4c2e8
+def left_right_mix(sample: dict, rng, mode: str = 'one') -> list[tuple[str, str, str]]:
+    """A stage-2 sample's (type, question, answer) list with more left/right questions: 'one' keeps the scene's own list;
+    'both' asks its left/right pair both ways (the answers flip, so no fixed answer fits); 'all' asks every ordered pair
+    of the scene's uniquely shaped objects. The list is then shuffled (`qa_messages` keeps the first `max_turns`)."""
+    if mode == 'one': return sample['qa']
+    sc = sample['scene']
+    uniq = [o for o in sc.objects if sc.count(o.shape) == 1]
+    ask = lambda a, b: ('left/right', f"Is the {a.shape} left of the {b.shape}?", 'yes' if a.x < b.x else 'no')
+    if mode == 'both':
+        extra = []
+        for t, q, a in sample['qa']:
+            if t == 'left/right':
+                s1, s2 = q.removeprefix('Is the ').removesuffix('?').split(' left of the ')
+                o1, o2 = (next(o for o in uniq if o.shape == s) for s in (s1, s2))
+                extra.append(ask(o2, o1))
+        qa = list(sample['qa']) + extra
+    elif mode == 'all':
+        qa = [x for x in sample['qa'] if x[0] != 'left/right'] + [ask(a, b) for a in uniq for b in uniq if a is not b]
+    else: raise ValueError(f"left_right={mode!r}: expected 'one', 'both' or 'all'")
+    rng.shuffle(qa)
+    return qa
+
 # %% ../nbs/14_llava_pretrain.ipynb #9aeaeff1
 def build_dataset(cfg, tokenizer):
     "Trainer hook: (LlavaDataset, collate_fn): synthetic shapes (captions in stage 1, Q/A in stage 2) + real-photo conversations."
@@ -218,7 +242,7 @@ def build_dataset(cfg, tokenizer):
                           {'role': 'assistant', 'content': REAL_PHOTOS[name]['caption']}])
             idx.append(len(data) + k)
     else:
-        convs = [qa_messages(d, rng, s['max_turns']) for d in data]
+        convs = [qa_messages({**d, 'qa': left_right_mix(d, rng, s['left_right'])}, rng, s['max_turns']) for d in data]
         idx = list(range(len(data)))
         for k, name in enumerate(s['photos']):
             rep = repeated_conversations(name, s['repeats'])
