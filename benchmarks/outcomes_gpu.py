@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 DEV_SEED = 777
+XY = 'effnet-lite0-ms-xy'
 
 def _variant(pretrain=None, base='gpu', **finetune):
     from ft_course.llava_data import RECIPES
@@ -54,6 +55,13 @@ LLAVA = {   # stage settings for train_llava, from ft_course.llava_data.RECIPES 
     'lap-lrall': lambda: _variant(base='laptop', left_right='all', max_turns=8),
     'lap-lrboth-min2': lambda: _variant(base='laptop', left_right='both', max_turns=5, min_objects=2),
     'lap-lrall-min2': lambda: _variant(base='laptop', left_right='all', max_turns=8, min_objects=2),
+    # ... and a fourth lever: each visual token's column and row appended to its features (tower 'effnet-lite0-ms-xy'):
+    # a CNN's features are the same wherever an object sits, so left/right must come from the tokens' order alone
+    'lap-xy': lambda: _variant(dict(vision_tower=XY), base='laptop', vision_tower=XY),
+    'lap-xy-lrboth': lambda: _variant(dict(vision_tower=XY), base='laptop', vision_tower=XY, left_right='both', max_turns=5),
+    'lap-xy-lrall': lambda: _variant(dict(vision_tower=XY), base='laptop', vision_tower=XY, left_right='all', max_turns=8),
+    'lap-xy-lr3': lambda: _variant(dict(vision_tower=XY), base='laptop', vision_tower=XY, lr=3e-3),
+    'smoke-llava-xy': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3, vision_tower=XY), n_images=64, batch_size=16, max_steps=3, vision_tower=XY),
     'smoke-llava-lrall': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3, left_right='all', max_turns=8),
     'smoke-llava-min2': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3, min_objects=2),
     'smoke-llava': lambda: _variant(dict(n_images=64, batch_size=16, max_steps=3), n_images=64, batch_size=16, max_steps=3),

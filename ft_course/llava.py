@@ -114,10 +114,13 @@ EFFNET_EARLY_BLOCK = 4   # last block of stage 3: 40 channels at stride 8
 _CALIBRATION = {}        # (tower name, image size) -> (mean, std): computed once per process
 
 class VisionTower(nn.Module):
-    "A frozen image encoder that returns a sequence of visual tokens (B, N, hidden_size); 'effnet-lite0-ms' adds an early map's channels."
+    """A frozen image encoder that returns a sequence of visual tokens (B, N, hidden_size); 'effnet-lite0-ms' adds an early map's
+    channels; a '-xy' suffix appends each token's column and row (two channels in [-1, 1]): a CNN's features do not say where they are."""
     def __init__(self, name: str = 'effnet-lite0', image_size: int | None = None, select_layer: int = -2):
         super().__init__()
-        self.name, self.select_layer = name, select_layer
+        self.name, self.select_layer, self.xy = name, select_layer, False
+        xy = name.endswith('-xy') and name.startswith(('effnet-lite0', 'efficientnet'))
+        if xy: name = name[:-3]
         base, ms = (name[:-3], True) if name.endswith('-ms') else (name, False)
         self.early_only = base.endswith('-early')
         if self.early_only: base, ms = base[:-6], True
@@ -130,6 +133,8 @@ class VisionTower(nn.Module):
             if ms: self.hidden_size = EFFNET_LITE0_STAGES[2][4] + (0 if self.early_only else 1280)
             self.image_processor = ImageProcessor(image_size or 224)
             if ms: self._calibrate()
+            self.xy = xy
+            if xy: self.hidden_size += 2
         elif ms: raise ValueError(f"vision tower {name!r}: the '-ms' (multi-scale) variant exists only for effnet-lite0")
         else:   # a CLIP ViT by hub name, e.g. openai/clip-vit-large-patch14-336 (needs the hub; not available offline)
             from transformers import CLIPVisionModel
@@ -168,8 +173,12 @@ class VisionTower(nn.Module):
                 f = F.relu6(net._bn1(net._conv_head(h)))
                 e = F.adaptive_avg_pool2d(early, f.shape[-2:])
                 f = e if self.early_only else torch.cat([f, e], 1)                # (B, 1280 + 40, h, w)
+            h, w = f.shape[-2:]
             f = f.flatten(2).transpose(1, 2).contiguous()                        # (B, C, h, w) -> (B, h*w, C)
             if getattr(self, 'feat_mean', None) is not None: f = (f - self.feat_mean) / self.feat_std
+            if self.xy:   # token k of the h x w grid sits in row k // w, column k % w
+                ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing='ij')
+                f = torch.cat([f, torch.stack([xs, ys], -1).reshape(1, h * w, 2).to(f).expand(len(f), -1, -1)], -1)
             return f
         hs = self.net(pixel_values=x, output_hidden_states=True).hidden_states[self.select_layer]
         return hs[:, 1:]                                                         # LLaVA: penultimate layer, no CLS
