@@ -162,6 +162,17 @@ def test_replay_prompts_share_no_template_with_the_general_probe():
         if any(phrase in q.lower() for q in probe): assert not [q for q in REPLAY_PROMPTS if phrase in q.lower()], phrase
 
 
+def test_probes_are_large_enough_and_score_their_own_answers():
+    "Retention is a share of the base model's correct probe answers: with 16 questions one answer moved it by 8 points."
+    from ft_course.selfcog import GENERAL_PROBE, DEV_PROBE, general_correct, _norm_q
+    assert len(GENERAL_PROBE) == len(DEV_PROBE) == 48
+    qs = [_norm_q(q) for q, _ in GENERAL_PROBE + DEV_PROBE]
+    assert len(set(qs)) == len(qs)
+    for q, answers in GENERAL_PROBE + DEV_PROBE:
+        assert all(general_correct(q, f'The answer is {a}.') for a in answers), q
+        assert not general_correct(q, "I am Ada, an assistant made by the ft_course team."), q
+
+
 def test_dev_probe_shares_no_template_with_the_general_probe_or_replay():
     "The dev probe chooses settings; it must not share question templates with the reported probe or with replay."
     import re
