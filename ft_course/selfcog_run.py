@@ -15,8 +15,8 @@ from .selfcog import probe_prompts, score_answers, side_by_side
 __all__ = ['QUICKSTART_OPTIONS', 'quickstart', 'quickstart_cli', 'checkpoint_drift', 'plot_drift']
 
 # %% ../nbs/08_self_cognition_run.ipynb #c75d378b
-QUICKSTART_OPTIONS = {'smollm2_135m_qlora_selfcog_e3': ['lr=3e-4']}   # chosen on the dev probe (issue 16,
-# benchmarks/results/selfcog_laptop_dev.json); applied before `cfg_options`, which can override them
+QUICKSTART_OPTIONS = {'smollm2_135m_qlora_selfcog_e3': ['lr=2e-4', 'data_generator.replay=240']}   # chosen on the 48-question
+# dev probe among 8 candidates x 2 seeds (benchmarks/results/selfcog_dev_gpu, read below); applied before `cfg_options`
 
 def quickstart(work_dir='work_dirs/quickstart', name: str = 'Ada', author: str = 'the ft_course team',
                config='smollm2_135m_qlora_selfcog_e3', method: str = 'lora', cfg_options: list[str] | None = None,
